@@ -1,0 +1,36 @@
+"""velcro: value-locality compression of pretrained CNNs for specialized tasks.
+
+Pipeline: ``calibrate`` -> :class:`Stats` -> ``plan`` (or ``search``) -> :class:`Plan` ->
+``apply`` (reference semantics) or ``trim`` (a smaller model with the same outputs).
+
+Example:
+    >>> import velcro
+    >>> model = velcro.models.create("resnet18", weights="resnet18.pth")
+    >>> stats = velcro.calibrate(model, calibration_loader)
+    >>> plan = velcro.plan(stats, 0.3, granularity="channel")
+    >>> small = velcro.apply(model, plan)
+"""
+
+# The verbs share their module's name (velcro.plan is both); importing the functions here,
+# after their modules, makes the package attribute the function.
+from velcro import models
+from velcro.apply import apply
+from velcro.calibrate import calibrate
+from velcro.errors import VelcroError
+from velcro.plan import Plan, plan
+from velcro.sites import find_sites, trace
+from velcro.stats import Stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Plan",
+    "Stats",
+    "VelcroError",
+    "apply",
+    "calibrate",
+    "find_sites",
+    "models",
+    "plan",
+    "trace",
+]

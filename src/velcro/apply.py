@@ -1,0 +1,74 @@
+"""Constant replacement: the reference semantics of a Plan."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from velcro.errors import VelcroError
+from velcro.plan import Plan
+from velcro.sites import find_sites, insert_after_sites, trace
+from velcro.stats import Stats
+
+
+class ConstantReplace(nn.Module):
+    """Replaces the masked positions of its input by constants; the rest pass unchanged.
+
+    Args:
+        mask: bool tensor of one image's activation shape, True where the output is constant.
+        constant: tensor of that shape holding the constants at masked positions.
+    """
+
+    def __init__(self, mask: torch.Tensor, constant: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+        self.register_buffer("constant", constant.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, self.constant.to(x.dtype), x)
+
+    def extra_repr(self) -> str:
+        return f"constant={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Raise VelcroError unless ``plan`` was made from statistics of ``model``."""
+    Stats({}, plan.structure, plan.weights).check_model(model, what="plan")
+
+
+def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule:
+    """A new module whose planned activation outputs are the plan's constants.
+
+    Every other output is computed as before. The original ``model`` is not modified. This
+    is the reference semantics for both granularities; :func:`velcro.trim` computes the same
+    function with the constant filters removed.
+
+    Args:
+        model: the model the plan's statistics came from.
+        plan: a :class:`Plan` from :func:`velcro.plan` or :func:`velcro.search`.
+        check: verify that the plan was made for this model (fingerprints).
+
+    Example:
+        >>> compressed = velcro.apply(model, velcro.plan(stats, 0.25))
+        >>> compressed(images).argmax(1)
+    """
+    if check:
+        check_plan_fits(model, plan)
+    gm = trace(model)
+    sites = find_sites(gm)
+    missing = [name for name in plan.sites if name not in {s.name for s in sites}]
+    if missing:
+        raise VelcroError(
+            f"plan names site '{missing[0]}' that this model does not have; "
+            "make the plan from statistics of this model"
+        )
+    replacers = {}
+    for site in sites:
+        site_plan = plan.sites.get(site.name)
+        if site_plan is None or site_plan.units.numel() == 0:
+            continue
+        replacers[site.name] = ConstantReplace(plan.mask(site.name), site_plan.constant)
+    insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return gm.to(device)

@@ -1,0 +1,139 @@
+"""Calibration: run the unchanged model on task images and keep per-site moments."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from velcro._fingerprint import structure_fingerprint, weights_fingerprint
+from velcro.errors import VelcroError
+from velcro.sites import find_sites, insert_after_sites, trace
+from velcro.stats import SiteStats, Stats
+
+
+class _Observer(nn.Module):
+    """Passes its input through and folds it into the site's running moments."""
+
+    def __init__(self, name: str, channel_axis: int) -> None:
+        super().__init__()
+        self.site_name = name
+        self.moments = SiteStats(0, torch.zeros(0, dtype=torch.float64),
+                                 torch.zeros(0, dtype=torch.float64), channel_axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = self.moments.count
+        self.moments.update(x)
+        if self.moments.count > before and not torch.isfinite(self.moments.mean).all():
+            raise VelcroError(
+                f"site '{self.site_name}' produced NaN or inf activations during calibration; "
+                "check the input images and their normalisation, and the model's weights"
+            )
+        return x
+
+
+def batches(data: Iterable, max_images: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield input tensors from ``data``: tensors, or ``(tensor, label, ...)`` batches.
+
+    Stops after ``max_images`` images (the last batch is cut) when given.
+    """
+    seen = 0
+    for item in data:
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        if isinstance(item, dict):
+            item = next(iter(item.values()))
+        if not isinstance(item, torch.Tensor):
+            raise VelcroError(
+                f"data must yield tensors or (tensor, label) batches, got {type(item).__name__}; "
+                "wrap your images in a DataLoader"
+            )
+        if max_images is not None:
+            if seen >= max_images:
+                return
+            item = item[: max_images - seen]
+        seen += item.shape[0]
+        yield item
+
+
+def _total(data: Iterable, max_images: int | None) -> int | None:
+    dataset = getattr(data, "dataset", None)
+    try:
+        total = len(dataset) if dataset is not None else None
+    except TypeError:
+        total = None
+    if max_images is not None:
+        return min(total, max_images) if total is not None else max_images
+    return total
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> Stats:
+    """Per-site, per-element mean and population variance over the task's images.
+
+    Inference only (eval mode, no gradients); the model is not modified. Moments are
+    accumulated batch by batch in float64 with Chan's formula, so memory does not grow with
+    the number of images.
+
+    Args:
+        model: the unchanged, pretrained model (any torch.fx-traceable module).
+        data: an iterable of image batches: tensors, or ``(tensor, label)`` tuples
+            (a ``DataLoader`` works as is).
+        max_images: stop after this many images.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints.
+
+    Example:
+        >>> stats = velcro.calibrate(model, DataLoader(cats, batch_size=32))
+        >>> stats.count
+        256
+    """
+    gm = trace(model)
+    sites = find_sites(gm)
+    if not sites:
+        raise VelcroError(
+            f"{type(model).__name__} has no activation site (an activation after a conv or "
+            "linear layer); velcro has nothing to compress"
+        )
+    observers = {s.name: _Observer(s.name, s.channel_axis) for s in sites}
+    insert_after_sites(gm, sites, observers, prefix="velcro_observer")
+    device = model_device(model)
+    gm.to(device)
+    bar = tqdm(total=_total(data, max_images), unit="img", desc="calibrate",
+               disable=not progress, file=sys.stderr, leave=False)
+    images = 0
+    with bar:
+        for batch in batches(data, max_images):
+            gm(batch.to(device, non_blocking=True))
+            images += batch.shape[0]
+            bar.update(batch.shape[0])
+    if images == 0:
+        raise VelcroError("calibration data yielded no images; give at least one image")
+    names = [s.name for s in sites]
+    moments = {}
+    for name, obs in observers.items():
+        m = obs.moments
+        moments[name] = SiteStats(m.count, m.mean.cpu(), m.m2.cpu(), m.channel_axis)
+    return Stats(
+        moments,
+        structure=structure_fingerprint(model, names),
+        weights=weights_fingerprint(model),
+        info={"model": type(model).__name__},
+    )

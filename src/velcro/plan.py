@@ -1,0 +1,340 @@
+"""Thresholds -> Plan: which activation units become constants, and which constants."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from velcro._io import atomic_path, write_text_atomic
+from velcro.errors import VelcroError
+from velcro.stats import SiteStats, Stats
+
+FORMAT = "velcro.plan/1"
+GRANULARITIES = ("element", "channel")
+SCORES = ("variance", "relative")
+CONSTANTS = ("map", "scalar")
+Thresholds = float | Mapping[str, float] | Sequence[float]
+
+
+@dataclass
+class SitePlan:
+    """The plan for one site.
+
+    Attributes:
+        threshold: the requested fraction T_k of the site's units.
+        units: indices of the chosen units, sorted: flat element indices (element
+            granularity) or channel indices (channel granularity).
+        constant: float32 tensor of the site's per-image shape; at chosen positions it holds
+            the value that replaces the activation (elsewhere it is 0 and unused).
+        shape: the per-image activation shape.
+        channel_axis: the channel axis of that shape.
+    """
+
+    threshold: float
+    units: torch.Tensor
+    constant: torch.Tensor
+    shape: tuple[int, ...]
+    channel_axis: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis]
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Plan:
+    """Which activation outputs become constants: plain data, saved as JSON + tensors.
+
+    Attributes:
+        granularity: ``element`` (VELCRO) or ``channel`` (S-VELCRO).
+        sites: per-site plans in the model's site order (every site, chosen units or not).
+        structure, weights: fingerprints of the model the statistics came from.
+        score, constant_kind: how channels were ranked and what constant replaces them.
+        info: free-form metadata saved with the plan.
+
+    Example:
+        >>> plan = velcro.plan(stats, 0.3, granularity="channel")
+        >>> round(plan.saving_ratio, 3)
+        0.3
+    """
+
+    granularity: str
+    sites: dict[str, SitePlan]
+    structure: str
+    weights: str
+    score: str = "variance"
+    constant_kind: str = "map"
+    info: dict = field(default_factory=dict)
+
+    def mask(self, name: str) -> torch.Tensor:
+        """Boolean tensor of the site's shape, True where the output is a constant."""
+        site = self.sites[name]
+        if self.granularity == "element":
+            flat = torch.zeros(site.elements, dtype=torch.bool)
+            flat[site.units] = True
+            return flat.view(site.shape)
+        chosen = torch.zeros(site.channels, dtype=torch.bool)
+        chosen[site.units] = True
+        view = [1] * len(site.shape)
+        view[site.channel_axis] = site.channels
+        return chosen.view(view).expand(site.shape)
+
+    def chosen_elements(self, name: str) -> int:
+        site = self.sites[name]
+        if self.granularity == "element":
+            return int(site.units.numel())
+        return int(site.units.numel()) * site.elements // site.channels
+
+    @property
+    def saving_ratio(self) -> float:
+        """The papers' C = sum_k T_k c_k h_k w_k / sum_k c_k h_k w_k, over units chosen."""
+        total = sum(s.elements for s in self.sites.values())
+        chosen = sum(self.chosen_elements(n) for n in self.sites)
+        return chosen / total if total else 0.0
+
+    def thresholds(self) -> dict[str, float]:
+        """The fraction of each site's units actually chosen."""
+        result = {}
+        for name, site in self.sites.items():
+            units = site.elements if self.granularity == "element" else site.channels
+            result[name] = site.units.numel() / units if units else 0.0
+        return result
+
+    def summary(self) -> list[dict]:
+        """One readable row per site: name, shape, threshold, chosen units."""
+        return [
+            {
+                "site": name,
+                "shape": list(site.shape),
+                "threshold": site.threshold,
+                "chosen": int(site.units.numel()),
+                "of": site.elements if self.granularity == "element" else site.channels,
+                "chosen_elements": self.chosen_elements(name),
+            }
+            for name, site in self.sites.items()
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` (JSON a person can read) and ``path`` + ``.safetensors`` beside it.
+
+        Channel plans list their chosen channels in the JSON; element plans list counts only
+        (the indices are in the tensor file). Both files are written atomically.
+        """
+        path = Path(path)
+        tensors = {}
+        rows = self.summary()
+        for row, (name, site) in zip(rows, self.sites.items(), strict=True):
+            tensors[f"units/{name}"] = site.units.to(torch.int64).contiguous()
+            tensors[f"constant/{name}"] = site.constant.contiguous()
+            row["channel_axis"] = site.channel_axis
+            if self.granularity == "channel":
+                row["channels"] = site.units.tolist()
+        document = {
+            "format": FORMAT,
+            "granularity": self.granularity,
+            "score": self.score,
+            "constant": self.constant_kind,
+            "saving_ratio": self.saving_ratio,
+            "structure": self.structure,
+            "weights": self.weights,
+            "tensors": _tensor_file(path).name,
+            "info": self.info,
+            "sites": rows,
+        }
+        with atomic_path(_tensor_file(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        write_text_atomic(path, _readable_json(document))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise VelcroError(f"plan file '{path}' does not exist; make one with `velcro compress`")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("format") != FORMAT:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise VelcroError(
+                f"'{path}' is not a velcro plan (JSON with format '{FORMAT}'); "
+                "make one with `velcro compress`"
+            ) from None
+        tensor_path = path.parent / document.get("tensors", _tensor_file(path).name)
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError):
+            raise VelcroError(
+                f"plan tensors '{tensor_path}' are missing or unreadable; keep the "
+                ".safetensors file beside the plan's JSON"
+            ) from None
+        sites = {}
+        try:
+            for row in document["sites"]:
+                name = row["site"]
+                sites[name] = SitePlan(
+                    float(row["threshold"]), tensors[f"units/{name}"],
+                    tensors[f"constant/{name}"], tuple(row["shape"]),
+                    int(row.get("channel_axis", 0)),
+                )
+        except KeyError as exc:
+            raise VelcroError(
+                f"plan '{path}' and its tensors '{tensor_path}' disagree (missing {exc}); "
+                "save the plan again"
+            ) from None
+        return cls(document["granularity"], sites, document["structure"], document["weights"],
+                   document.get("score", "variance"), document.get("constant", "map"),
+                   document.get("info", {}))
+
+
+def _readable_json(document: dict) -> str:
+    """Indented JSON with one line per site row, so a plan reads as a table."""
+    rows = document.pop("sites")
+    head = json.dumps(document, indent=1)[:-2]
+    body = ",\n  ".join(json.dumps(row) for row in rows)
+    document["sites"] = rows
+    return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'
+
+
+def _tensor_file(path: Path) -> Path:
+    return path.with_name(path.name + ".safetensors")
+
+
+def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str, float]:
+    """One fraction per site from a scalar, a mapping by site name, or a sequence."""
+    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        values = {name: float(thresholds) for name in names}
+    elif isinstance(thresholds, Mapping):
+        unknown = [k for k in thresholds if k not in names]
+        if unknown:
+            raise VelcroError(
+                f"thresholds name unknown site '{unknown[0]}'; sites are: "
+                + ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            )
+        values = {name: float(thresholds.get(name, 0.0)) for name in names}
+    elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
+        if len(thresholds) != len(names):
+            raise VelcroError(
+                f"got {len(thresholds)} thresholds for {len(names)} sites; give one per site "
+                "in site order, a single fraction, or a mapping by site name"
+            )
+        values = {name: float(t) for name, t in zip(names, thresholds, strict=True)}
+    else:
+        raise VelcroError(
+            f"thresholds must be a fraction, a sequence or a mapping, not "
+            f"{type(thresholds).__name__}"
+        )
+    for name, value in values.items():
+        if not 0.0 <= value <= 1.0 or math.isnan(value):
+            raise VelcroError(
+                f"threshold {value} for site '{name}' is out of range; each threshold is a "
+                "fraction in [0, 1]"
+            )
+    return values
+
+
+def channel_scores(site: SiteStats, score: str = "variance") -> torch.Tensor:
+    """Per-channel locality score (lower = more constant).
+
+    ``variance``: mean of the element variances over the channel. ``relative``: the
+    scale-free sum(V) / sum(M^2) over the channel (a squared coefficient of variation).
+    """
+    axis = site.channel_axis % site.mean.dim()
+    dims = [d for d in range(site.mean.dim()) if d != axis]
+    variance = site.variance
+    if score == "variance":
+        return variance.mean(dim=dims) if dims else variance
+    power = site.mean.square()
+    if dims:
+        variance, power = variance.sum(dim=dims), power.sum(dim=dims)
+    return variance / power.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _choose(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    count = int(math.floor(fraction * scores.numel() + 0.5))
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.sort(scores, stable=True).indices
+    return torch.sort(order[:count]).values
+
+
+def plan(
+    stats: Stats,
+    thresholds: Thresholds,
+    *,
+    granularity: str = "element",
+    score: str = "variance",
+    constant: str = "map",
+) -> Plan:
+    """Choose, per site, the T_k fraction of units with the lowest variance.
+
+    Args:
+        stats: calibration statistics from :func:`velcro.calibrate`.
+        thresholds: one fraction for every site, a mapping site name -> fraction (others 0),
+            or a sequence in site order; each in [0, 1]. T_k * units is rounded to the nearest
+            whole unit.
+        granularity: ``element`` (VELCRO, per activation element) or ``channel`` (S-VELCRO,
+            whole filters).
+        score: how units are ranked: ``variance`` (lowest variance first) or ``relative``
+            (variance / mean^2, scale-free).
+        constant: for channels, replace by the channel's mean map (``map``, exact for any
+            downstream linear layer) or by one scalar per channel (``scalar``).
+
+    Returns:
+        A :class:`Plan`; ``plan.saving_ratio`` is the papers' C.
+
+    Example:
+        >>> p = velcro.plan(stats, {"layer4.1.relu:1": 0.5}, granularity="channel")
+        >>> p.saving_ratio
+        0.0108...
+    """
+    if granularity not in GRANULARITIES:
+        raise VelcroError(f"granularity '{granularity}' is unknown; use 'element' or 'channel'")
+    if score not in SCORES:
+        raise VelcroError(f"score '{score}' is unknown; use 'variance' or 'relative'")
+    if constant not in CONSTANTS:
+        raise VelcroError(f"constant '{constant}' is unknown; use 'map' or 'scalar'")
+    if stats.count == 0:
+        raise VelcroError("statistics hold no images; calibrate on at least one image")
+    fractions = resolve_thresholds(stats.names, thresholds)
+    sites = {}
+    for name, site in stats.sites.items():
+        fraction = fractions[name]
+        mean = site.mean
+        if granularity == "element":
+            if score == "variance":
+                scores = site.variance.flatten()
+            else:
+                tiny = torch.finfo(torch.float64).tiny
+                scores = (site.variance / mean.square().clamp_min(tiny)).flatten()
+            units = _choose(scores, fraction)
+            values = torch.zeros(mean.numel(), dtype=torch.float64)
+            values[units] = mean.flatten()[units]
+            values = values.view(mean.shape)
+        else:
+            units = _choose(channel_scores(site, score), fraction)
+            axis = site.channel_axis % mean.dim()
+            source = mean
+            if constant == "scalar":
+                dims = [d for d in range(mean.dim()) if d != axis]
+                source = mean.mean(dim=dims, keepdim=True).expand_as(mean) if dims else mean
+            values = torch.zeros_like(mean)
+            index = [slice(None)] * mean.dim()
+            index[axis] = units
+            values[tuple(index)] = source[tuple(index)]
+        sites[name] = SitePlan(fraction, units, values.to(torch.float32).contiguous(),
+                               tuple(mean.shape), site.channel_axis)
+    return Plan(granularity, sites, stats.structure, stats.weights, score, constant,
+                dict(stats.info))

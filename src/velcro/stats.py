@@ -1,0 +1,222 @@
+"""Per-site streaming statistics: count, mean and population variance, in float64."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from velcro._io import atomic_path
+from velcro.errors import VelcroError
+
+FORMAT = "velcro.stats/1"
+
+
+@dataclass
+class SiteStats:
+    """Running moments of one site's per-image activation tensor.
+
+    ``mean`` and ``m2`` (sum of squared deviations) are float64 tensors with the shape of one
+    image's activation (batch axis removed); ``count`` is the number of images seen.
+    """
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+    channel_axis: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.mean.shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance (divided by ``count``)."""
+        if self.count == 0:
+            return torch.zeros_like(self.m2)
+        return self.m2 / self.count
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Add a batch (first axis = images), in float64 with Chan's parallel formula."""
+        n_b = batch.shape[0]
+        if n_b == 0:
+            return
+        data = batch.detach().to(torch.float64)
+        m2_b, mean_b = torch.var_mean(data, dim=0, correction=0)
+        self.merge_moments(n_b, mean_b, m2_b.mul_(n_b))
+
+    def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Fold in the moments of another set of images (exact, Chan et al.)."""
+        n_a = self.count
+        if n_b == 0:
+            return
+        if n_a == 0:
+            self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
+            return
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
+        self.count = n
+
+
+@dataclass
+class Stats:
+    """Calibration statistics of every site of one model.
+
+    Attributes:
+        sites: per-site moments, in the model's site order.
+        structure: fingerprint of the model's layout (state_dict keys/shapes, site names).
+        weights: fingerprint of the model's weights.
+        info: free-form metadata (model name, task, data source), saved with the stats.
+
+    Example:
+        >>> stats = velcro.calibrate(model, loader)
+        >>> stats.save("cats.stats.safetensors")
+        >>> stats = velcro.Stats.load("cats.stats.safetensors")
+        >>> stats["layer1.0.relu:0"].variance.shape
+        torch.Size([64, 56, 56])
+    """
+
+    sites: dict[str, SiteStats]
+    structure: str
+    weights: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sites)
+
+    @property
+    def count(self) -> int:
+        """Number of images the statistics were computed on."""
+        counts = {s.count for s in self.sites.values()}
+        return counts.pop() if len(counts) == 1 else min(counts, default=0)
+
+    def __getitem__(self, name: str) -> SiteStats:
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise VelcroError(
+                f"no site named '{name}' in these statistics; sites are: "
+                + ", ".join(list(self.sites)[:8])
+                + (" ..." if len(self.sites) > 8 else "")
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def merge(self, other: Stats) -> Stats:
+        """Statistics over the union of both image sets (exact). Neither input changes.
+
+        Example:
+            >>> whole = first_half.merge(second_half)
+        """
+        if self.structure != other.structure or self.names != other.names:
+            raise VelcroError(
+                "cannot merge statistics of different models "
+                f"(structure {self.structure} vs {other.structure}); calibrate the same model"
+            )
+        if self.weights != other.weights:
+            raise VelcroError(
+                "cannot merge statistics of models with different weights "
+                f"({self.weights} vs {other.weights}); calibrate the same weights"
+            )
+        merged = {}
+        for name, a in self.sites.items():
+            b = other.sites[name]
+            site = SiteStats(a.count, a.mean.clone(), a.m2.clone(), a.channel_axis)
+            site.merge_moments(b.count, b.mean, b.m2)
+            merged[name] = site
+        return Stats(merged, self.structure, self.weights, dict(self.info))
+
+    def check_model(self, model, *, what: str = "statistics") -> None:
+        """Raise VelcroError unless ``model`` is the model these statistics came from."""
+        from velcro._fingerprint import structure_fingerprint, weights_fingerprint
+        from velcro.sites import find_sites, trace
+
+        names = [s.name for s in find_sites(trace(model))]
+        if structure_fingerprint(model, names) != self.structure:
+            raise VelcroError(
+                f"these {what} were made for another model (structure fingerprint "
+                f"{self.structure}, this model's is {structure_fingerprint(model, names)}); "
+                "calibrate this model, or load the model they were made for"
+            )
+        if weights_fingerprint(model) != self.weights:
+            raise VelcroError(
+                f"these {what} were made for the same architecture with other weights "
+                f"(weights fingerprint {self.weights}, this model's is "
+                f"{weights_fingerprint(model)}); calibrate with these weights"
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file (tensors) with JSON metadata in its header.
+
+        The file is written to a temporary name and renamed, so a failure never leaves a
+        half-written file.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        sites_meta = []
+        for name, s in self.sites.items():
+            tensors[f"mean/{name}"] = s.mean.contiguous()
+            tensors[f"m2/{name}"] = s.m2.contiguous()
+            sites_meta.append(
+                {"name": name, "shape": list(s.shape), "count": s.count,
+                 "channel_axis": s.channel_axis}
+            )
+        meta = {
+            "format": FORMAT,
+            "structure": self.structure,
+            "weights": self.weights,
+            "images": self.count,
+            "sites": sites_meta,
+            "info": self.info,
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"velcro": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Stats:
+        """Read statistics written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise VelcroError(f"statistics file '{path}' does not exist; run `velcro calibrate`")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise VelcroError(
+                f"'{path}' is not a velcro statistics file ({_first_line(exc)}); "
+                "make one with `velcro calibrate`"
+            ) from None
+        try:
+            meta = json.loads(header["velcro"])
+            if meta.get("format") != FORMAT:
+                raise KeyError("format")
+            sites = {
+                m["name"]: SiteStats(
+                    int(m["count"]), tensors[f"mean/{m['name']}"], tensors[f"m2/{m['name']}"],
+                    int(m.get("channel_axis", 0)),
+                )
+                for m in meta["sites"]
+            }
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            raise VelcroError(
+                f"'{path}' is a safetensors file but not velcro statistics "
+                f"(no '{FORMAT}' metadata); make one with `velcro calibrate`"
+            ) from None
+        return cls(sites, meta["structure"], meta["weights"], meta.get("info", {}))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
