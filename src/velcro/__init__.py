@@ -17,6 +17,7 @@ from velcro import models
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
+from velcro.evaluate import Report, evaluate
 from velcro.plan import Plan, plan
 from velcro.sites import find_sites, trace
 from velcro.stats import Stats
@@ -25,10 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Plan",
+    "Report",
     "Stats",
     "VelcroError",
     "apply",
     "calibrate",
+    "evaluate",
     "find_sites",
     "models",
     "plan",
