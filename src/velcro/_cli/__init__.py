@@ -1,0 +1,1 @@
+"""velcro subcommands, one module each (see velcro.cli)."""

@@ -1,0 +1,1 @@
+"""Task data: image folders, task presets, splits, bundled digits."""
