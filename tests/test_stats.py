@@ -135,3 +135,24 @@ def test_merge_refuses_other_models():
     b = velcro.calibrate(build("chain", seed=3)[0], images((3, 12, 12), 4), progress=False)
     with pytest.raises(VelcroError, match="different weights"):
         a.merge(b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_moment_kernels_match_numpy(monkeypatch, fused):
+    from velcro import _moments
+
+    if not fused:
+        monkeypatch.setattr(_moments, "numba", None)
+    elif not _moments.fused_available():
+        pytest.fail("numba is a declared dependency and must be importable")
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.rand(n, 3, 5, 4, generator=gen) * 100 + 1000 for n in (1, 7, 4)]
+    site = velcro.stats.SiteStats(0, torch.zeros(0, dtype=torch.float64),
+                                  torch.zeros(0, dtype=torch.float64))
+    for batch in batches:
+        site.update(batch)
+    data = torch.cat(batches).double().numpy()
+    assert site.count == 12
+    np.testing.assert_allclose(site.mean.numpy(), data.mean(0), rtol=1e-13)
+    # large mean, small spread: a naive sum-of-squares formula would lose digits here
+    np.testing.assert_allclose(site.variance.numpy(), data.var(0), rtol=1e-9)

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from velcro._io import atomic_path
+from velcro._moments import update_moments
 from velcro.errors import VelcroError
 
 FORMAT = "velcro.stats/1"
@@ -42,13 +43,8 @@ class SiteStats:
         return self.m2 / self.count
 
     def update(self, batch: torch.Tensor) -> None:
-        """Add a batch (first axis = images), in float64 with Chan's parallel formula."""
-        n_b = batch.shape[0]
-        if n_b == 0:
-            return
-        data = batch.detach().to(torch.float64)
-        m2_b, mean_b = torch.var_mean(data, dim=0, correction=0)
-        self.merge_moments(n_b, mean_b, m2_b.mul_(n_b))
+        """Add a batch (first axis = images): float64 Welford, image by image."""
+        self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2, batch)
 
     def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Fold in the moments of another set of images (exact, Chan et al.)."""
