@@ -1,0 +1,98 @@
+"""Calibration cost against plain inference, and its memory against the image count.
+
+Claims checked (issue 2): calibrating ResNet-18 at 224x224 on 256 images takes at most
+1.15x the time of plain inference on the same images, and peak memory does not grow
+between 64 and 512 images.
+
+    .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 3]
+
+Timing: plain inference and calibration run interleaved on the same generated batches,
+median of --repeats; calibration time includes everything `velcro.calibrate` does (trace,
+fingerprints, statistics). Memory: each image count runs in a fresh subprocess that
+streams generated batches (nothing is kept), reporting its peak resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import velcro
+from velcro.models import resnet18
+
+BATCH = 32
+
+
+def generated_batches(images: int, size: int = 224, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for start in range(0, images, BATCH):
+        yield torch.randn(min(BATCH, images - start), 3, size, size, generator=gen)
+
+
+def peak_memory_child(images: int) -> None:
+    model = resnet18().eval()
+    velcro.calibrate(model, generated_batches(images), progress=False)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": images, "peak_rss_mib": peak_mib}))
+
+
+def time_it(images: int, repeats: int) -> tuple[list[float], list[float]]:
+    model = resnet18().eval()
+    batches = list(generated_batches(images))
+    with torch.no_grad():
+        model(batches[0])  # warm up kernels
+    velcro.calibrate(model, batches[:1], progress=False)  # warm up the numba cache
+    plain, calib = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        velcro.calibrate(model, batches, progress=False)
+        calib.append(time.perf_counter() - start)
+    return plain, calib
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-images", default="64,512")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        peak_memory_child(args.child)
+        return
+    plain, calib = time_it(args.images, args.repeats)
+    ratios = [c / p for p, c in zip(plain, calib, strict=True)]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
+    print(f"\nResNet-18, 224x224, {args.images} images, batch {BATCH}, "
+          f"median of {args.repeats} interleaved runs\n")
+    print("| run | plain inference (s) | calibrate (s) | ratio |")
+    print("|---|---|---|---|")
+    for i, (p, c) in enumerate(zip(plain, calib, strict=True)):
+        print(f"| {i + 1} | {p:.2f} | {c:.2f} | {c / p:.3f} |")
+    print(f"| **median** | {statistics.median(plain):.2f} | {statistics.median(calib):.2f} | "
+          f"**{statistics.median(ratios):.3f}** |")
+    print("\n| images | peak RSS (MiB) |")
+    print("|---|---|")
+    for count in (int(n) for n in args.memory_images.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--child", str(count)],
+                             capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {result['images']} | {result['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
