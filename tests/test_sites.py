@@ -99,3 +99,25 @@ def test_untraceable_model_names_the_module():
 
     with pytest.raises(VelcroError, match=r"body\.1.*Branchy"):
         velcro.trace(Net())
+
+
+@pytest.mark.parametrize(
+    "name, count, first, last",
+    [
+        ("resnet18", 17, "relu", "layer4.1.relu:1"),
+        ("mobilenet_v2", 35, "features.0.2", "features.18.2"),
+        ("googlenet", 57, "conv1.relu", "inception5b.branch4.1.relu"),
+    ],
+)
+def test_builtin_model_sites(name, count, first, last):
+    model = velcro.models.create(name)
+    found = names(model)
+    assert len(found) == count == len(set(found))
+    assert found[0] == first and found[-1] == last
+
+
+def test_resnet_block_relu_is_two_sites():
+    sites = velcro.find_sites(velcro.trace(velcro.models.resnet18()))
+    block = [s for s in sites if s.name.startswith("layer1.0.relu")]
+    assert [s.name for s in block] == ["layer1.0.relu:0", "layer1.0.relu:1"]
+    assert [s.producer for s in block] == ["layer1.0.conv1", "layer1.0.conv2"]
