@@ -16,6 +16,7 @@ Example:
 from velcro import models
 from velcro.apply import apply
 from velcro.calibrate import calibrate
+from velcro.cost import Cost, cost
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
 from velcro.plan import Plan, plan
@@ -25,12 +26,14 @@ from velcro.stats import Stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cost",
     "Plan",
     "Report",
     "Stats",
     "VelcroError",
     "apply",
     "calibrate",
+    "cost",
     "evaluate",
     "find_sites",
     "models",
