@@ -1,0 +1,292 @@
+"""Image folders (one sub-folder per class, the ImageFolder convention) read with Pillow.
+
+Class folders are mapped to the model's class indices in one of three ways:
+
+- ``class-list``: folders named by WordNet id (``n02123045``), mapped through a class-list
+  file, one wnid per line in index order, as ImageNet distributions ship it
+  (``LOC_synset_mapping.txt``: ``n01440764 tench, Tinca tinca``; text after the wnid is
+  ignored);
+- ``index``: folders named by class index (``281/``);
+- ``sorted``: the dataset's own classes, numbered in sorted folder-name order.
+
+``labels="auto"`` (the default) picks ``class-list`` when a class list is given, ``index``
+when every folder name is a number, and ``sorted`` otherwise; folders named by wnid without a
+class list are an error, since their sorted positions are ImageNet indices only when all 1000
+are present.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from velcro.data._preprocess import Preprocess
+from velcro.errors import VelcroError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LABEL_MODES = ("auto", "class-list", "index", "sorted")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+class UnreadableImage(VelcroError):
+    """An image file that Pillow cannot decode (truncated, corrupt, not an image)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")
+        self.path = path
+        self.reason = reason
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """The class names (wnids) of a class-list file, in index order.
+
+    One class per line; the first token of the line is the name (so ImageNet's
+    ``LOC_synset_mapping.txt`` works as is). Blank lines and ``#`` comments are skipped.
+
+    Example:
+        >>> read_class_list("LOC_synset_mapping.txt")[281]
+        'n02123045'
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise VelcroError(f"class list '{path}' does not exist; give a file with one wnid "
+                          "per line in class-index order") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VelcroError(f"cannot read class list '{path}' ({type(exc).__name__}); give a "
+                          "text file with one wnid per line") from None
+    names = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(re.split(r"[\s,;]+", line, maxsplit=1)[0])
+    if not names:
+        raise VelcroError(f"class list '{path}' holds no class names; give one wnid per line")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise VelcroError(f"class list '{path}' names '{name}' twice; each class once")
+        seen.add(name)
+    return names
+
+
+def _class_folders(root: Path) -> list[str]:
+    if not root.exists():
+        raise VelcroError(
+            f"data folder '{root}' does not exist; give the folder that holds one sub-folder "
+            "per class"
+        )
+    if not root.is_dir():
+        raise VelcroError(f"data path '{root}' is not a folder; give the folder that holds "
+                          "one sub-folder per class")
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise VelcroError(f"cannot list data folder '{root}': {exc.strerror}") from None
+    folders = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not folders:
+        loose = any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+        where = "holds images but no class sub-folders" if loose else "is empty"
+        raise VelcroError(
+            f"data folder '{root}' {where}; put the images in one sub-folder per class "
+            f"({root}/<class>/<image>.jpg)"
+        )
+    return folders
+
+
+def _images_in(folder: Path, root: Path) -> list[str]:
+    found = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(directory, name).relative_to(root).as_posix())
+    return found
+
+
+def _label_folders(folders: list[str], mode: str | Mapping[str, int],
+                   class_list: list[str] | None, root: Path) -> tuple[str, dict[str, int]]:
+    if isinstance(mode, Mapping):
+        # an explicit folder -> index mapping (e.g. the one a saved split records); other
+        # folders belong to other classes and are left out
+        return "mapping", {name: int(mode[name]) for name in folders if name in mode}
+    if mode not in LABEL_MODES:
+        raise VelcroError(f"label mode '{mode}' is unknown; use one of {', '.join(LABEL_MODES)}")
+    if class_list is not None:
+        mode = "class-list"
+    elif mode == "class-list":
+        raise VelcroError("labels 'class-list' need a class list; give --class-list FILE")
+    elif mode == "auto":
+        if all(name.isdigit() for name in folders):
+            mode = "index"
+        elif any(_WNID.match(name) for name in folders):
+            raise VelcroError(
+                f"the class folders of '{root}' are WordNet ids (e.g. '{folders[0]}'); give "
+                "--class-list with the wnids in class-index order (ImageNet's "
+                "LOC_synset_mapping.txt), or --labels sorted to number the folders in order"
+            )
+        else:
+            mode = "sorted"
+    if mode == "class-list":
+        index_of = {wnid: i for i, wnid in enumerate(class_list or [])}
+        unknown = [name for name in folders if name not in index_of]
+        if unknown:
+            raise VelcroError(
+                f"class folder '{root / unknown[0]}' is not in the class list; name class "
+                "folders by the wnids of the list, or remove the folder"
+            )
+        return mode, {name: index_of[name] for name in folders}
+    if mode == "index":
+        bad = [name for name in folders if not name.isdigit()]
+        if bad:
+            raise VelcroError(
+                f"class folder '{root / bad[0]}' is not a class index; with --labels index "
+                "every folder is named by its class number"
+            )
+        mapping = {name: int(name) for name in folders}
+        if len(set(mapping.values())) != len(mapping):
+            raise VelcroError(f"two class folders of '{root}' name the same index (e.g. 07 "
+                              "and 7); keep one folder per class")
+        return mode, mapping
+    return mode, {name: i for i, name in enumerate(folders)}
+
+
+class ImageFolder(Dataset):
+    """Labelled images from a folder with one sub-folder per class.
+
+    Args:
+        root: the data folder.
+        classes: keep only these class indices (a task); every one must have a folder.
+            None keeps every class folder.
+        class_list: wnids in class-index order (a list or a class-list file) for folders
+            named by wnid.
+        labels: how folders map to class indices: ``auto``, ``class-list``, ``index`` or
+            ``sorted`` (see the module docstring), or an explicit mapping folder name ->
+            class index (folders not in it are left out).
+        preprocess: image -> tensor transform; default the ImageNet evaluation transform.
+
+    Attributes:
+        samples: ``(path relative to root, class index)`` for every image, sorted by path.
+        class_to_index: class folder name -> class index, for the folders in use.
+        label_mode: the mode in use after ``auto`` was resolved.
+
+    Raises:
+        VelcroError: missing or empty folder, a class folder without images, a task class
+            without a folder, folders that do not fit the label mode.
+
+    Example:
+        >>> cats = ImageFolder("val", classes=[281, 282, 283, 284, 285],
+        ...                    class_list="LOC_synset_mapping.txt")
+        >>> image, label = cats[0]
+        >>> image.shape, label
+        (torch.Size([3, 224, 224]), 281)
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        classes: Sequence[int] | None = None,
+        class_list: Sequence[str] | str | os.PathLike | None = None,
+        labels: str | Mapping[str, int] = "auto",
+        preprocess: Preprocess | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.preprocess = preprocess if preprocess is not None else Preprocess()
+        if class_list is not None and not isinstance(class_list, (list, tuple)):
+            class_list = read_class_list(class_list)
+        self.class_list = list(class_list) if class_list is not None else None
+        folders = _class_folders(self.root)
+        self.label_mode, mapping = _label_folders(folders, labels, self.class_list, self.root)
+        if classes is not None:
+            wanted = sorted({int(c) for c in classes})
+            present = set(mapping.values())
+            missing = [c for c in wanted if c not in present]
+            if missing:
+                raise VelcroError(
+                    f"class {missing[0]} has no folder in '{self.root}' "
+                    f"({len(missing)} of the task's {len(wanted)} classes missing); add its "
+                    "images or choose classes with --classes"
+                )
+            mapping = {name: index for name, index in mapping.items() if index in wanted}
+        if not mapping:
+            raise VelcroError(
+                f"none of the class folders of '{self.root}' belong to the requested classes; "
+                "check the folder, --task/--classes and --class-list"
+            )
+        self.class_to_index = mapping
+        self.samples: list[tuple[str, int]] = []
+        for name, index in sorted(mapping.items()):
+            found = _images_in(self.root / name, self.root)
+            if not found:
+                raise VelcroError(
+                    f"class folder '{self.root / name}' holds no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                )
+            self.samples.extend((path, index) for path in found)
+        self.samples.sort()
+
+    @property
+    def classes(self) -> list[int]:
+        """The class indices in use, sorted."""
+        return sorted(set(self.class_to_index.values()))
+
+    @property
+    def targets(self) -> list[int]:
+        """The class index of every sample, in order."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return self.preprocess(self.load_image(path)), label
+
+    def load_image(self, path: str) -> Image.Image:
+        """Decode one image fully (so a truncated file fails here, not later).
+
+        Raises:
+            UnreadableImage: the file cannot be decoded.
+        """
+        try:
+            with Image.open(self.root / path) as image:
+                image.load()
+                return image.convert(self.preprocess.mode)
+        except Exception as exc:  # Pillow raises many types for bad files; all mean "skip it"
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise UnreadableImage(path, f"{type(exc).__name__}: {text}"[:200]) from None
+
+    def subset(self, samples: Sequence[tuple[str, int]]) -> ImageFolder:
+        """The same folder restricted to ``samples`` (e.g. one set of a split), in their order.
+
+        Raises:
+            VelcroError: a sample that is not an image of this folder with that label.
+        """
+        known = dict(self.samples)
+        chosen = []
+        for path, label in samples:
+            if known.get(path) != int(label):
+                raise VelcroError(
+                    f"the split lists '{path}' (class {label}), which is not an image of that "
+                    f"class in '{self.root}'; use the folder, task and class list the split "
+                    "was made with"
+                )
+            chosen.append((path, int(label)))
+        copy = object.__new__(ImageFolder)
+        copy.__dict__.update(self.__dict__)
+        copy.samples = chosen
+        return copy
+
+    def describe(self) -> dict:
+        """JSON-ready description saved with results."""
+        return {"root": str(self.root.resolve()), "labels": self.label_mode,
+                "class_to_index": dict(sorted(self.class_to_index.items())),
+                "images": len(self), "preprocess": self.preprocess.to_dict()}

@@ -1,0 +1,223 @@
+"""Deterministic, seeded, stratified splits of a task's images, saved as JSON.
+
+The papers calibrate on under 2% of a task's images and validate on the rest, disjoint from
+it. A search for thresholds needs a third set, carved from the non-validation images, so that
+the final accuracy is measured on images the search never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from velcro._io import write_text_atomic
+from velcro.errors import VelcroError
+
+FORMAT = "velcro.split/1"
+DEFAULT_FRACTIONS: dict[str, float | None] = {"calibration": 0.02, "validation": None}
+
+T = TypeVar("T")
+
+
+def split(
+    items: Sequence[T],
+    fractions: Mapping[str, float | None] | None = None,
+    *,
+    seed: int = 0,
+    labels: Sequence[Hashable] | None = None,
+) -> dict[str, list[T]]:
+    """Split ``items`` into disjoint named sets of the given fractions, reproducibly.
+
+    Every set but one gets ``round(fraction * len(items))`` items (at least one when its
+    fraction is above 0); the set whose fraction is ``None`` gets the rest. With ``labels``
+    the split is stratified: each set holds each label in about its share of the whole
+    (systematic sampling of a per-label shuffle), so 2% of 5 classes of 50 images is one
+    image per class. The same items in the same order and the same seed give the same split.
+
+    Args:
+        items: the things to split (e.g. ``(path, label)`` pairs), in a fixed order.
+        fractions: set name -> fraction in (0, 1), one of them ``None`` for "the rest";
+            default ``{"calibration": 0.02, "validation": None}``. Without a ``None`` the
+            fractions must sum to 1 and the last set takes the rounding remainder.
+        seed: the random seed.
+        labels: one label per item, to stratify by.
+
+    Returns:
+        Set name -> items, each set in the order its items were drawn; names in the order
+        of ``fractions``.
+
+    Raises:
+        VelcroError: bad fractions, or a set that would be empty.
+
+    Example:
+        >>> parts = split(samples, {"calibration": 0.02, "search": 0.1, "validation": None},
+        ...               seed=0, labels=[label for _, label in samples])
+        >>> len(parts["calibration"]) + len(parts["search"]) + len(parts["validation"])
+        250
+    """
+    fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
+    rest = _check_fractions(fractions)
+    if labels is not None and len(labels) != len(items):
+        raise VelcroError(f"got {len(labels)} labels for {len(items)} items; give one per item")
+    total = len(items)
+    order = _stratified_order(total, labels, seed)
+    counts = {name: (max(1, round(f * total)) if f else 0)
+              for name, f in fractions.items() if name != rest}
+    remainder = total - sum(counts.values())
+    if remainder < 1:
+        raise VelcroError(
+            f"cannot split {total} images into {', '.join(fractions)} with fractions "
+            f"{_describe(fractions)}: a set would be empty; add images or change the fractions"
+        )
+    counts[rest] = remainder
+    result: dict[str, list[T]] = {}
+    start = 0
+    for name in fractions:
+        chosen = order[start : start + counts[name]]
+        result[name] = [items[i] for i in chosen]
+        start += counts[name]
+    return result
+
+
+def _check_fractions(fractions: dict[str, float | None]) -> str:
+    """Validate; return the name of the set that takes the rest."""
+    if len(fractions) < 2:
+        raise VelcroError("a split needs at least two sets (e.g. calibration and validation)")
+    rests = [name for name, f in fractions.items() if f is None]
+    if len(rests) > 1:
+        raise VelcroError(f"only one set may take the rest; {', '.join(rests)} all do")
+    for name, f in fractions.items():
+        if f is not None and (math.isnan(f) or not 0.0 <= f < 1.0):
+            raise VelcroError(
+                f"split fraction {f} for '{name}' is out of range; give a fraction in [0, 1)"
+            )
+    fixed = sum(f for f in fractions.values() if f is not None)
+    if rests:
+        if fixed >= 1.0:
+            raise VelcroError(
+                f"split fractions {_describe(fractions)} leave nothing for '{rests[0]}'; "
+                "make them sum to less than 1"
+            )
+        return rests[0]
+    if abs(fixed - 1.0) > 1e-9:
+        raise VelcroError(
+            f"split fractions {_describe(fractions)} sum to {fixed:g}, not 1; make them sum "
+            "to 1 or give one set the fraction None (the rest)"
+        )
+    return list(fractions)[-1]
+
+
+def _describe(fractions: Mapping[str, float | None]) -> str:
+    return ", ".join(f"{n}={'rest' if f is None else f'{f:g}'}" for n, f in fractions.items())
+
+
+def _stratified_order(total: int, labels: Sequence[Hashable] | None, seed: int) -> list[int]:
+    """An order of 0..total-1 whose every prefix holds each label in about its share.
+
+    Each label's indices are shuffled, then item j of a label with n items gets the key
+    (j + u) / n with u uniform in [0, 1) per label; sorting by key interleaves the labels
+    in proportion (systematic sampling), so a prefix of length k holds k*n/total +- 1 of
+    each label.
+    """
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return rng.permutation(total).tolist()
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        groups[label].append(index)
+    keyed: list[tuple[float, int, int]] = []
+    for rank, label in enumerate(sorted(groups, key=repr)):
+        members = groups[label]
+        shuffled = rng.permutation(len(members))
+        offset = rng.random()
+        for j, position in enumerate(shuffled):
+            keyed.append(((j + offset) / len(members), rank, members[position]))
+    keyed.sort()
+    return [index for _, _, index in keyed]
+
+
+@dataclass
+class Split:
+    """A saved split of one image folder: named sets of ``(relative path, label)`` pairs.
+
+    Attributes:
+        sets: set name -> list of ``(path relative to root, class index)``.
+        root: the image folder the paths are relative to.
+        seed: the seed the split was drawn with.
+        fractions: the requested fractions (``None`` = the rest).
+        info: task name, classes, class mapping and other metadata.
+
+    Example:
+        >>> s = Split.load("cats.split.json")
+        >>> len(s.sets["calibration"]), len(s.sets["validation"])
+        (5, 245)
+    """
+
+    sets: dict[str, list[tuple[str, int]]]
+    root: str
+    seed: int = 0
+    fractions: dict[str, float | None] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Number of images in each set."""
+        return {name: len(items) for name, items in self.sets.items()}
+
+    def __getitem__(self, name: str) -> list[tuple[str, int]]:
+        try:
+            return self.sets[name]
+        except KeyError:
+            raise VelcroError(
+                f"the split has no set '{name}'; it has {', '.join(self.sets)}"
+            ) from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the split as JSON (atomically): one line per image."""
+        document = {
+            "format": FORMAT,
+            "root": self.root,
+            "seed": self.seed,
+            "fractions": self.fractions,
+            "counts": self.counts(),
+            "info": self.info,
+        }
+        head = json.dumps(document, indent=1)[:-2]
+        bodies = []
+        for name, items in self.sets.items():
+            rows = ",\n   ".join(json.dumps([p, int(label)]) for p, label in items)
+            bodies.append(f'  {json.dumps(name)}: [\n   {rows}\n  ]' if items
+                          else f"  {json.dumps(name)}: []")
+        text = head + ',\n "sets": {\n' + ",\n".join(bodies) + "\n }\n}\n"
+        write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Split:
+        """Read a split written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise VelcroError(
+                f"split file '{path}' does not exist; `velcro calibrate` writes one"
+            )
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(document, dict) or document.get("format") != FORMAT:
+                raise ValueError
+            sets = {
+                str(name): [(str(p), int(label)) for p, label in items]
+                for name, items in document["sets"].items()
+            }
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise VelcroError(
+                f"'{path}' is not a velcro split (JSON with format '{FORMAT}'); "
+                "`velcro calibrate` writes one"
+            ) from None
+        return cls(sets, str(document.get("root", "")), int(document.get("seed", 0)),
+                   dict(document.get("fractions", {})), dict(document.get("info", {})))

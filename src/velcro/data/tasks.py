@@ -1,0 +1,156 @@
+"""Specialized tasks: named sets of ImageNet-1k class indices, and ``--classes`` parsing.
+
+Class indices are those of torchvision's (and Keras') ImageNet-1k models, i.e. the
+position of the class's WordNet id in the sorted list of the 1000 ILSVRC-2012 wnids.
+
+Presets:
+
+- ``cats``: 281-285, the domestic cats: tabby (n02123045), tiger cat (n02123159),
+  Persian (n02123394), Siamese (n02123597), Egyptian cat (n02124075). The wild cats
+  (286 cougar ... 293 cheetah) are not in the task.
+- ``dogs``: 151-268, the 118 domestic dog breeds (Chihuahua ... Mexican hairless); wolves,
+  foxes and wild dogs (269-280) are not.
+- ``cars``: the ten ImageNet-1k classes under WordNet's ``car, auto, automobile``
+  (n02958343): 407 ambulance, 436 beach wagon, 468 cab, 511 convertible, 609 jeep,
+  627 limousine, 656 minivan, 661 Model T, 751 racer, 817 sports car. We take WordNet's
+  own hierarchy rather than a hand-picked list so the choice is reproducible. Left out:
+  705 "passenger car" (a railway coach), 717 pickup, 734 police van, 675 moving van and
+  864 tow truck (trucks in WordNet), 654 minibus and the buses, 573 go-kart, 575 golf cart,
+  and the car parts 479 car wheel, 581 grille, 475 car mirror. Give ``--classes`` for any
+  other choice (e.g. ``--classes 436,468,511,609,627,656,717,751,817``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from velcro.errors import VelcroError
+
+
+@dataclass(frozen=True)
+class Task:
+    """A specialized task: a name and the class indices whose images it holds."""
+
+    name: str
+    classes: tuple[int, ...]
+    description: str
+
+
+TASKS: dict[str, Task] = {
+    "cats": Task("cats", tuple(range(281, 286)),
+                 "ImageNet domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat"),
+    "dogs": Task("dogs", tuple(range(151, 269)), "ImageNet's 118 dog breeds"),
+    "cars": Task("cars", (407, 436, 468, 511, 609, 627, 656, 661, 751, 817),
+                 "ImageNet classes under WordNet's car/automobile: ambulance, beach wagon, "
+                 "cab, convertible, jeep, limousine, minivan, Model T, racer, sports car"),
+}
+
+
+def get_task(name: str) -> Task:
+    """The preset task called ``name``.
+
+    Args:
+        name: ``cats``, ``dogs`` or ``cars``.
+
+    Raises:
+        VelcroError: unknown name.
+
+    Example:
+        >>> get_task("cats").classes
+        (281, 282, 283, 284, 285)
+    """
+    task = TASKS.get(name.strip().lower())
+    if task is None:
+        raise VelcroError(
+            f"unknown task '{name}'; use one of {', '.join(TASKS)}, or --classes for any set"
+        )
+    return task
+
+
+def parse_classes(text: str, class_list: Sequence[str] | None = None) -> list[int]:
+    """Class indices from a comma list of indices, ranges and (with a class list) wnids.
+
+    Args:
+        text: e.g. ``"281,282"``, ``"151-268"`` or ``"n02123045,n02123159"``.
+        class_list: the wnids in index order, needed to resolve wnids.
+
+    Returns:
+        Sorted, distinct class indices.
+
+    Raises:
+        VelcroError: a token that is not an index, a range or a known wnid.
+
+    Example:
+        >>> parse_classes("281-283,285")
+        [281, 282, 283, 285]
+    """
+    index_of = {wnid: i for i, wnid in enumerate(class_list or [])}
+    classes: set[int] = set()
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise VelcroError("--classes is empty; give class indices such as 281,282 or 151-268")
+    for token in tokens:
+        if token in index_of:
+            classes.add(index_of[token])
+            continue
+        low, dash, high = token.partition("-")
+        try:
+            first = int(low)
+            last = int(high) if dash else first
+        except ValueError:
+            hint = ("it is not in the class list" if class_list
+                    else "give --class-list to use WordNet ids")
+            raise VelcroError(
+                f"--classes: unknown class '{token}' ({hint}); give indices such as 281, "
+                "ranges such as 151-268, or wnids from the class list"
+            ) from None
+        if first < 0 or last < first:
+            raise VelcroError(
+                f"--classes: '{token}' is not a valid index or range; indices are >= 0 and "
+                "ranges go low-high"
+            )
+        classes.update(range(first, last + 1))
+    if class_list:
+        outside = sorted(c for c in classes if c >= len(class_list))
+        if outside:
+            raise VelcroError(
+                f"--classes: class {outside[0]} is out of range for the class list of "
+                f"{len(class_list)} classes; give indices below {len(class_list)}"
+            )
+    return sorted(classes)
+
+
+def resolve_task(
+    task: str | None = None,
+    classes: str | Sequence[int] | None = None,
+    class_list: Sequence[str] | None = None,
+) -> tuple[str | None, list[int] | None]:
+    """The task's name and class indices from a preset name or an explicit class set.
+
+    Args:
+        task: a preset name, or None.
+        classes: a ``--classes`` string or a sequence of indices, or None.
+        class_list: wnids in index order, to resolve wnids in ``classes``.
+
+    Returns:
+        ``(name, classes)``; ``(None, None)`` when neither is given (every class).
+
+    Example:
+        >>> resolve_task("cats")
+        ('cats', [281, 282, 283, 284, 285])
+        >>> resolve_task(classes="1,3")
+        ('custom', [1, 3])
+    """
+    if task and classes is not None:
+        raise VelcroError("give either --task or --classes, not both")
+    if task:
+        return get_task(task).name, list(get_task(task).classes)
+    if classes is None:
+        return None, None
+    if isinstance(classes, str):
+        return "custom", parse_classes(classes, class_list)
+    values = sorted({int(c) for c in classes})
+    if not values or values[0] < 0:
+        raise VelcroError("classes must be a non-empty set of indices >= 0")
+    return "custom", values

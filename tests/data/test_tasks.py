@@ -1,0 +1,60 @@
+import pytest
+
+from velcro.data import TASKS, get_task, parse_classes, resolve_task
+from velcro.errors import VelcroError
+
+# A few lines of ImageNet's LOC_synset_mapping.txt (index order), written out by hand.
+WNIDS = {
+    281: "n02123045 tabby, tabby cat",
+    282: "n02123159 tiger cat",
+    283: "n02123394 Persian cat",
+    284: "n02123597 Siamese cat, Siamese",
+    285: "n02124075 Egyptian cat",
+}
+
+
+def test_presets_hold_the_documented_imagenet_indices():
+    assert get_task("cats").classes == (281, 282, 283, 284, 285)
+    dogs = get_task("dogs").classes
+    assert dogs[0] == 151 and dogs[-1] == 268 and len(dogs) == 118 == len(set(dogs))
+    cars = set(get_task("CARS").classes)
+    # WordNet's car/automobile subtree within ImageNet-1k
+    assert cars == {407, 436, 468, 511, 609, 627, 656, 661, 751, 817}
+    # the railway "passenger car, coach" and the trucks are not cars
+    assert not cars & {705, 717, 734, 675, 864}
+    assert set(TASKS) == {"cats", "dogs", "cars"}
+
+
+def test_unknown_task_names_the_task_and_the_choices():
+    with pytest.raises(VelcroError, match=r"unknown task 'birds'.*cats, dogs, cars"):
+        get_task("birds")
+    with pytest.raises(VelcroError, match="not both"):
+        resolve_task("cats", "1,2")
+
+
+def test_classes_accept_indices_ranges_and_wnids():
+    assert parse_classes("285, 281-283,282") == [281, 282, 283, 285]
+    class_list = [f"n{i:08d}" for i in range(1000)]
+    for index, line in WNIDS.items():
+        class_list[index] = line.split()[0]
+    assert parse_classes("n02123394,n02124075,1", class_list) == [1, 283, 285]
+    assert resolve_task(classes="3,1") == ("custom", [1, 3])
+    assert resolve_task(classes=[5, 2, 5]) == ("custom", [2, 5])
+    assert resolve_task() == (None, None)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("281,cat", r"unknown class 'cat'.*--class-list"),
+    ("10-3", "not a valid index or range"),
+    ("", "empty"),
+])
+def test_bad_classes_name_the_culprit(text, match):
+    with pytest.raises(VelcroError, match=match):
+        parse_classes(text)
+
+
+def test_classes_beyond_the_class_list_are_refused():
+    with pytest.raises(VelcroError, match="class 7 is out of range.*5 classes"):
+        parse_classes("1,7", ["a", "b", "c", "d", "e"])
+    with pytest.raises(VelcroError, match="unknown class 'n99999999'.*not in the class list"):
+        parse_classes("n99999999", ["n00000001"])
