@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from velcro._fingerprint import structure_fingerprint, weights_fingerprint
+from velcro._shard import Shard
+from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
 from velcro.errors import VelcroError
 from velcro.sites import find_sites, insert_after_sites, trace
 from velcro.stats import SiteStats, Stats
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class _Observer(nn.Module):
@@ -60,6 +66,8 @@ def batches(data: Iterable, max_images: int | None = None) -> Iterator[torch.Ten
 
 
 def _total(data: Iterable, max_images: int | None) -> int | None:
+    if isinstance(data, Shard):
+        return data.images
     dataset = getattr(data, "dataset", None)
     try:
         total = len(dataset) if dataset is not None else None
@@ -83,6 +91,7 @@ def calibrate(
     *,
     max_images: int | None = None,
     progress: bool = True,
+    group: ProcessGroup | None = None,
 ) -> Stats:
     """Per-site, per-element mean and population variance over the task's images.
 
@@ -95,7 +104,11 @@ def calibrate(
         data: an iterable of image batches: tensors, or ``(tensor, label)`` tuples
             (a ``DataLoader`` works as is).
         max_images: stop after this many images.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (on rank 0 only, when distributed).
+        group: a torch.distributed process group; by default the one ``torchrun`` sets up,
+            if any. Each rank then calibrates on every world-th batch and the ranks'
+            moments are merged exactly: every rank returns the same :class:`Stats`, equal
+            to one process's up to rounding (see :mod:`velcro.distributed`).
 
     Returns:
         :class:`Stats` for every activation site, tied to ``model`` by its fingerprints.
@@ -116,24 +129,35 @@ def calibrate(
     insert_after_sites(gm, sites, observers, prefix="velcro_observer")
     device = model_device(model)
     gm.to(device)
+    group = process_group(group)
+    if group is not None:
+        data, max_images = shard(data, group, max_images=max_images), None
+        progress = progress and is_main(group)
     bar = tqdm(total=_total(data, max_images), unit="img", desc="calibrate",
                disable=not progress, file=sys.stderr, leave=False)
-    images = 0
-    with bar:
-        for batch in batches(data, max_images):
-            gm(batch.to(device, non_blocking=True))
-            images += batch.shape[0]
-            bar.update(batch.shape[0])
-    if images == 0:
+
+    def observe() -> int:
+        images = 0
+        with bar:
+            for batch in batches(data, max_images):
+                gm(batch.to(device, non_blocking=True))
+                images += batch.shape[0]
+                bar.update(batch.shape[0])
+        return images
+
+    if group is not None:
+        run_together(group, observe)  # no image on some rank is fine; merge_stats checks all
+    elif observe() == 0:
         raise VelcroError("calibration data yielded no images; give at least one image")
     names = [s.name for s in sites]
     moments = {}
     for name, obs in observers.items():
         m = obs.moments
         moments[name] = SiteStats(m.count, m.mean.cpu(), m.m2.cpu(), m.channel_axis)
-    return Stats(
+    stats = Stats(
         moments,
         structure=structure_fingerprint(model, names),
         weights=weights_fingerprint(model),
         info={"model": type(model).__name__},
     )
+    return stats if group is None else merge_stats(stats, group)

@@ -6,13 +6,25 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from velcro.calibrate import _total, model_device
+from velcro.distributed import (
+    batch_positions,
+    gather_in_order,
+    is_main,
+    process_group,
+    run_together,
+    shard,
+)
 from velcro.errors import VelcroError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Z95 = 1.959963984540054
 
@@ -176,6 +188,7 @@ def evaluate(
     task_classes: Sequence[int] | None = None,
     max_images: int | None = None,
     progress: bool = True,
+    group: ProcessGroup | None = None,
 ) -> Report:
     """Top-1 accuracy of ``model`` on labelled images.
 
@@ -186,7 +199,11 @@ def evaluate(
         task_classes: the task's class indices; when given, the report also holds top-1 with
             the argmax restricted to them.
         max_images: stop after this many images.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (on rank 0 only, when distributed).
+        group: a torch.distributed process group; by default the one ``torchrun`` sets up,
+            if any. Each rank then evaluates every world-th batch and the per-image results
+            are gathered back in data order: every rank returns the same :class:`Report`,
+            equal to one process's (see :mod:`velcro.distributed`).
 
     Returns:
         A :class:`Report` with per-image hits, accuracy, 95% intervals and per-class figures.
@@ -198,22 +215,40 @@ def evaluate(
     """
     hits, task_hits, all_labels = [], [], []
     classes = torch.as_tensor(list(task_classes), dtype=torch.long) if task_classes else None
-    for logits, labels in predict(model, data, max_images=max_images, progress=progress):
-        if logits.dim() != 2:
-            raise VelcroError(
-                f"the model returned outputs of shape {tuple(logits.shape)}; evaluation needs "
-                "(batch, classes) logits"
-            )
-        if classes is not None and int(classes.max()) >= logits.shape[1]:
-            raise VelcroError(
-                f"task class {int(classes.max())} is out of range for a model with "
-                f"{logits.shape[1]} classes; check --classes"
-            )
-        hits.append(logits.argmax(1) == labels)
-        if classes is not None:
-            task_hits.append(classes[logits[:, classes].argmax(1)] == labels)
-        all_labels.append(labels)
-    if not hits:
+    group = process_group(group)
+    if group is not None:
+        data, max_images = shard(data, group, max_images=max_images), None
+        progress = progress and is_main(group)
+
+    def collect() -> None:
+        for logits, labels in predict(model, data, max_images=max_images, progress=progress):
+            if logits.dim() != 2:
+                raise VelcroError(
+                    f"the model returned outputs of shape {tuple(logits.shape)}; evaluation "
+                    "needs (batch, classes) logits"
+                )
+            if classes is not None and int(classes.max()) >= logits.shape[1]:
+                raise VelcroError(
+                    f"task class {int(classes.max())} is out of range for a model with "
+                    f"{logits.shape[1]} classes; check --classes"
+                )
+            hits.append(logits.argmax(1) == labels)
+            if classes is not None:
+                task_hits.append(classes[logits[:, classes].argmax(1)] == labels)
+            all_labels.append(labels)
+
+    if group is None:
+        collect()
+    else:
+        run_together(group, collect)
+        positions = batch_positions(data.starts, [h.numel() for h in hits])
+        columns = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64)
+                   for c in (hits, all_labels, task_hits)]
+        merged = gather_in_order(positions, columns if classes is not None else columns[:2],
+                                 group)
+        hits, all_labels = [merged[0].bool()], [merged[1]]
+        task_hits = [merged[2].bool()] if classes is not None else []
+    if not sum(h.numel() for h in hits):
         raise VelcroError("evaluation data yielded no images; give at least one labelled image")
     return Report(
         torch.cat(hits),
