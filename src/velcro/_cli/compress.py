@@ -1,0 +1,167 @@
+"""`velcro compress`: statistics + thresholds -> a plan; optionally a trimmed model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import velcro
+from velcro._cli import common
+from velcro._io import atomic_path
+from velcro.apply import check_plan_fits
+from velcro.errors import VelcroError
+from velcro.plan import CONSTANTS, GRANULARITIES, SCORES, Plan, resolve_thresholds
+from velcro.stats import Stats
+
+TRIMMED_FORMAT = "velcro.trimmed/1"
+
+DESCRIPTION = """\
+Choose, per activation site, the given fraction of units with the lowest variance and
+replace them by their means (VELCRO: --granularity element; S-VELCRO: channel). Writes the
+plan (readable JSON + tensors); with --trim also a trimmed model's weights.
+
+thresholds: one fraction for every site (0.3), one per site in site order (0.1,0.2,...),
+or a JSON file mapping site name -> fraction (sites left out keep 0).
+
+examples:
+  velcro compress --stats cats.stats.safetensors --thresholds 0.3 -o cats.plan.json
+  velcro compress --stats cats.stats.safetensors --thresholds 0.3 --granularity channel \\
+      --model resnet18 --weights resnet18-f37072fd.pth -o cats.plan.json \\
+      --trim cats.trimmed.safetensors
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = common.new_parser(
+        subparsers, "compress", help="thresholds -> plan (and a trimmed model)",
+        description=DESCRIPTION)
+    parser.add_argument("--stats", metavar="FILE", help="statistics from `velcro calibrate`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--thresholds", metavar="T",
+                        help="a fraction, a comma list in site order, or a JSON file")
+    source.add_argument("--plan", metavar="FILE", help="use this plan instead (with --trim)")
+    parser.add_argument("--granularity", default="element", choices=GRANULARITIES,
+                        help="element (VELCRO) or channel (S-VELCRO); default element")
+    parser.add_argument("--score", default="variance", choices=SCORES,
+                        help="channel ranking: variance or relative (variance / mean^2)")
+    parser.add_argument("--constant", default="map", choices=CONSTANTS,
+                        help="channel constant: the mean map or one scalar per channel")
+    parser.add_argument("-o", "--output", metavar="PLAN", help="plan file to write (.json)")
+    parser.add_argument("--trim", metavar="FILE",
+                        help="also write the trimmed model's weights (.safetensors; channel "
+                             "plans; needs --model)")
+    common.add_model_options(parser, required=False)
+    common.add_runtime_options(parser, data=False)
+    parser.set_defaults(run=run)
+
+
+def parse_thresholds(text: str, names: list[str]) -> dict[str, float]:
+    """``--thresholds`` as one fraction per site: a number, a comma list, or a JSON file."""
+    text = text.strip()
+    path = Path(text)
+    if text.endswith(".json") or path.is_file():
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VelcroError(f"--thresholds: file '{path}' does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise VelcroError(f"--thresholds: '{path}' is not JSON ({type(exc).__name__}); "
+                              "give a mapping site name -> fraction") from None
+        if isinstance(value, dict) and isinstance(value.get("thresholds"), (dict, list)):
+            value = value["thresholds"]  # e.g. a search result
+        if not isinstance(value, (dict, list, int, float)) or isinstance(value, bool):
+            raise VelcroError(f"--thresholds: '{path}' holds {type(value).__name__}; give a "
+                              "mapping site name -> fraction")
+        source = f"'{path}'"
+    else:
+        try:
+            parts = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise VelcroError(f"--thresholds '{text}' is not a fraction, a comma list of "
+                              "fractions, or a JSON file") from None
+        value = parts[0] if len(parts) == 1 else parts
+        source = f"'{text}'"
+    try:
+        if isinstance(value, dict):
+            bad = [k for k, v in value.items()
+                   if not isinstance(v, (int, float)) or isinstance(v, bool)]
+            if bad:
+                raise VelcroError(f"the value for site '{bad[0]}' is not a number")
+        return resolve_thresholds(names, value)
+    except VelcroError as exc:
+        raise VelcroError(f"--thresholds {source}: {exc}") from None
+
+
+def save_trimmed(model: torch.nn.Module, path: Path, plan: Plan, plan_file: str | None) -> None:
+    """The trimmed model's state dict as safetensors, tied to its plan by metadata."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"format": TRIMMED_FORMAT, "plan": plan_file, "structure": plan.structure,
+            "weights": plan.weights, "saving_ratio": plan.saving_ratio}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"velcro": json.dumps(meta)})
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.thresholds is not None and not args.stats:
+        raise VelcroError("--thresholds needs --stats FILE (from `velcro calibrate`)")
+    if args.thresholds is not None and not args.output:
+        raise VelcroError("give -o/--output PLAN to write the plan to")
+    if args.plan and not args.trim:
+        raise VelcroError("--plan is only useful with --trim; give --thresholds to make a plan")
+    if args.trim and not args.model:
+        raise VelcroError("--trim needs the model: give --model (and --weights)")
+    plan_path = common.check_output(args.output, "--output") if args.output else None
+    trim_path = common.check_output(args.trim, "--trim") if args.trim else None
+    if plan_path and trim_path and plan_path.resolve() == trim_path.resolve():
+        raise VelcroError("--trim and --output name the same file; give two names")
+
+    model = common.load_model(args) if args.model else None
+    if args.plan:
+        plan = Plan.load(args.plan)
+        if model is not None:
+            common.named("--plan", args.plan, check_plan_fits, model, plan)
+    else:
+        stats = Stats.load(args.stats)
+        if model is not None:
+            common.named("--stats", args.stats, stats.check_model, model)
+        thresholds = parse_thresholds(args.thresholds, stats.names)
+        plan = velcro.plan(stats, thresholds, granularity=args.granularity, score=args.score,
+                           constant=args.constant)
+        plan.info.update({"stats": str(args.stats), "thresholds_given": args.thresholds})
+    if trim_path is not None and plan.granularity != "channel":
+        raise VelcroError("--trim needs a channel plan (whole filters); give --granularity "
+                          "channel, or evaluate the element plan with `velcro evaluate --plan`")
+
+    trimmed = None
+    if trim_path is not None:
+        trimmed = common.velcro_api("trim")(model, plan)
+    if plan_path is not None:
+        plan.save(plan_path)
+    if trimmed is not None:
+        save_trimmed(trimmed, trim_path, plan, str(plan_path or args.plan))
+
+    summary = {
+        "command": "compress", "plan": str(plan_path or args.plan),
+        "granularity": plan.granularity, "score": plan.score, "constant": plan.constant_kind,
+        "saving_ratio": plan.saving_ratio, "sites": plan.summary(),
+    }
+    lines = [f"{plan.granularity} plan over {len(plan.sites)} sites: compression-saving "
+             f"ratio C = {common.percent(plan.saving_ratio)}"]
+    if plan_path is not None:
+        lines.append(f"wrote {plan_path} (+ {plan_path.name}.safetensors)")
+    if trimmed is not None:
+        before, after = _parameters(model), _parameters(trimmed)
+        summary.update({"trimmed": str(trim_path),
+                        "parameters": {"original": before, "trimmed": after}})
+        lines.append(f"wrote {trim_path}: {after:,} parameters (original {before:,}, "
+                     f"{common.percent(1 - after / before)} fewer)")
+    common.emit(args, summary, lines)
+    return 0
