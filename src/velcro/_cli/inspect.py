@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ from velcro.errors import VelcroError
 
 DESCRIPTION = """\
 Show what a file holds: statistics (sites, shapes, image count, variance quantiles), a plan
-(sites, thresholds, chosen units, the compression-saving ratio C), a split (set sizes), or a
-weights file (tensors, parameters). With --model and no FILE: the model's activation sites
-and their shapes.
+(sites, thresholds, chosen units, the compression-saving ratio C), a split (set sizes), a
+weights file (tensors, parameters) or an ONNX file (inputs, outputs, operators). With
+--model and no FILE: the model's activation sites and their shapes.
 
 examples:
   velcro inspect cats.stats.safetensors
@@ -142,6 +143,35 @@ def _weights(path: Path, kind: str, meta: object) -> tuple[dict, list[str]]:
     return summary, lines
 
 
+def _onnx(path: Path) -> tuple[dict, list[str]]:
+    try:
+        import onnx
+    except ImportError:
+        raise VelcroError("inspecting ONNX files needs the onnx package: pip install onnx"
+                          ) from None
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises DecodeError and others for a bad file
+        raise VelcroError(f"'{path}' is not a readable ONNX file ({type(exc).__name__})"
+                          ) from None
+
+    def shape(value) -> list:
+        return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+
+    operators = Counter(node.op_type for node in graph.node)
+    parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    summary = {"kind": "onnx", "file": str(path),
+               "inputs": [{"name": v.name, "shape": shape(v)} for v in graph.input],
+               "outputs": [{"name": v.name, "shape": shape(v)} for v in graph.output],
+               "nodes": len(graph.node), "operators": dict(operators.most_common()),
+               "initializer_elements": parameters}
+    lines = [f"{path}: ONNX graph of {len(graph.node)} nodes, {parameters:,} weight elements",
+             *(f"  input {v['name']}: {v['shape']}" for v in summary["inputs"]),
+             *(f"  output {v['name']}: {v['shape']}" for v in summary["outputs"]),
+             "  operators: " + ", ".join(f"{op} x{n}" for op, n in operators.most_common())]
+    return summary, lines
+
+
 def _model(args: argparse.Namespace) -> tuple[dict, list[str]]:
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -183,8 +213,10 @@ def run(args: argparse.Namespace) -> int:
         summary, lines = _model(args)
     else:
         path = Path(args.file)
-        kind, meta = _kind(path)
-        if kind == "stats":
+        kind, meta = ("onnx", None) if path.suffix.lower() == ".onnx" else _kind(path)
+        if kind == "onnx":
+            summary, lines = _onnx(path)
+        elif kind == "stats":
             summary, lines = _stats(path)
         elif kind == "plan":
             summary, lines = _plan(path)
