@@ -1,7 +1,9 @@
 """Calibration and evaluation across processes (velcro.distributed).
 
 One test launches two processes on loopback with torchrun (gloo) and runs this file as the
-worker (``__main__`` below); the others check the pieces in this process.
+worker (``__main__`` below): the API on generated data (lists of batches, loaders with an
+uneven last shard, a rank with no image, a shuffled loader, errors on one rank), then the
+`velcro` command line, unchanged. The other tests check the pieces in this process.
 
 The reference is a single process over the same batches. Shards are whole batches, so each
 image goes through the model in the same batch as in the reference and its activations are
@@ -15,6 +17,7 @@ to about 1e-16 relative; the test allows 1e-9.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_workspace import DATA_OPTIONS
+from cli_workspace import build as build_workspace
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from zoo import build, images
 
@@ -70,7 +75,19 @@ def scenarios():
     }
 
 
-def worker(out: Path) -> None:
+def cli_commands(workspace: Path, out: Path) -> list[list[str]]:
+    """`velcro calibrate` then `velcro evaluate` on the generated image task, into ``out``."""
+    data = [o for o in DATA_OPTIONS if o != "-q"]  # keep the progress bars, to count them
+    model = ["--model", "clitiny:factory", "--weights", str(workspace / "tiny.safetensors")]
+    return [
+        ["calibrate", str(workspace / "data"), *model, "--calibration-fraction", "0.5",
+         *data, "-o", str(out / "cli.stats.safetensors")],
+        ["evaluate", "--split", str(out / "cli.stats.split.json"), *model, *data,
+         "-o", str(out / "cli.eval.json")],
+    ]
+
+
+def worker(out: Path, workspace: Path) -> None:
     """Run on each rank under torchrun: every result goes to a file for the parent to check."""
     import torch.distributed as dist
 
@@ -115,6 +132,34 @@ def worker(out: Path) -> None:
         except VelcroError as exc:
             results["errors"][case] = str(exc)
     torch.save(results, out / f"results.rank{rank}.pt")
+    run_cli(workspace, out, rank)
+
+
+def run_cli(workspace: Path, out: Path, rank: int) -> None:
+    """The command line, unchanged, under torchrun: record each rank's output and writes."""
+    import torch.distributed as dist
+
+    from velcro.cli import main
+
+    sys.path.insert(0, str(workspace / "modules"))
+    writes, replace = [], os.replace
+
+    def recording_replace(source, target, *args, **kwargs):
+        writes.append(Path(target).name)
+        return replace(source, target, *args, **kwargs)
+
+    codes = []
+    with open(out / f"stdout.rank{rank}", "w") as stdout, \
+            open(out / f"stderr.rank{rank}", "w") as stderr, \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        os.replace = recording_replace
+        try:
+            for command in cli_commands(workspace, out):
+                codes.append(main(command))
+                dist.barrier()  # the next command reads what rank 0 wrote
+        finally:
+            os.replace = replace
+    (out / f"cli.rank{rank}.json").write_text(json.dumps({"codes": codes, "writes": writes}))
 
 
 @contextlib.contextmanager
@@ -127,12 +172,13 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def run_torchrun(out: Path) -> subprocess.CompletedProcess:
+def run_torchrun(out: Path, workspace: Path) -> None:
+    """Two workers on loopback; fails on a non-zero exit, a timeout or a worker left alive."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", __file__, str(out)]
+               "--nproc-per-node", "2", __file__, str(out), str(workspace)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
@@ -148,7 +194,7 @@ def run_torchrun(out: Path) -> subprocess.CompletedProcess:
     finally:
         leftovers = _kill_workers(out)
     assert not leftovers, f"worker processes {leftovers} outlived torchrun"
-    return subprocess.CompletedProcess(command, process.returncode, output)
+    assert process.returncode == 0, output[-4000:]
 
 
 def _kill_workers(out: Path) -> list[int]:
@@ -182,9 +228,16 @@ def assert_stats_close(merged: velcro.Stats, reference: velcro.Stats) -> None:
             assert float(error.max()) <= RELATIVE, (name, float(error.max()))
 
 
-def test_two_processes_match_one(tmp_path):
-    result = run_torchrun(tmp_path)
-    assert result.returncode == 0, result.stdout[-4000:]
+def test_two_processes_match_one(tmp_path, monkeypatch):
+    workspace = build_workspace(tmp_path / "workspace").root
+    out = tmp_path / "out"
+    out.mkdir()
+    run_torchrun(out, workspace)
+    check_api(out)
+    check_cli(out, workspace, tmp_path, monkeypatch)
+
+
+def check_api(tmp_path: Path) -> None:
     ranks = [torch.load(tmp_path / f"results.rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [(r["rank"], r["world"], r["is_main"]) for r in ranks] == [(0, 2, True),
                                                                      (1, 2, False)]
@@ -218,6 +271,38 @@ def test_two_processes_match_one(tmp_path):
     for e in errors:
         assert "other weights" in e["other_weights"]
         assert "ShardSampler" in e["presharded"]
+
+
+def check_cli(out: Path, workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    """Same files as one process, written by rank 0 alone; one summary, one progress bar."""
+    ranks = [json.loads((out / f"cli.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["codes"] == ranks[1]["codes"] == [0, 0]
+    assert sorted(ranks[0]["writes"]) == ["cli.eval.json", "cli.stats.safetensors",
+                                          "cli.stats.split.json"]
+    assert ranks[1]["writes"] == []
+    stdout = [(out / f"stdout.rank{r}").read_text() for r in (0, 1)]
+    stderr = [(out / f"stderr.rank{r}").read_text() for r in (0, 1)]
+    assert "calibrated Tiny" in stdout[0] and stdout[1] == ""
+    assert "calibrate" in stderr[0] and "evaluate" in stderr[0]  # the progress bars
+    assert "calibrate" not in stderr[1] and "evaluate" not in stderr[1]
+
+    from velcro.cli import main
+
+    monkeypatch.syspath_prepend(str(workspace / "modules"))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    with one_thread(), contextlib.redirect_stderr(open(os.devnull, "w")):
+        for command in cli_commands(workspace, alone):
+            assert main(command) == 0
+    two = velcro.Stats.load(out / "cli.stats.safetensors")
+    one = velcro.Stats.load(alone / "cli.stats.safetensors")
+    assert_stats_close(two, one)
+    assert {**two.info, "split": None} == {**one.info, "split": None}
+    assert ((out / "cli.stats.split.json").read_text()
+            == (alone / "cli.stats.split.json").read_text())
+    reports = [json.loads((d / "cli.eval.json").read_text()) for d in (out, alone)]
+    assert reports[0]["original"] == reports[1]["original"]
+    assert reports[0]["images"] == reports[1]["images"] == 24
 
 
 @pytest.mark.parametrize("length", [0, 1, 5, 13])
@@ -296,4 +381,4 @@ def test_rejects_a_group_that_is_not_one():
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from velcro.distributed import process_group
 from velcro.errors import VelcroError
 
 COMMANDS = [
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Under torchrun: join the group now, so that --device cuda means this rank's GPU.
+        process_group()
         return int(args.run(args) or 0)
     except VelcroError as exc:
         print(f"velcro {args.command}: error: {exc}", file=sys.stderr)

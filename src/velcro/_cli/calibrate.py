@@ -8,6 +8,7 @@ from pathlib import Path
 import velcro
 from velcro._cli import common
 from velcro.data import Split, split
+from velcro.distributed import is_main
 from velcro.errors import VelcroError
 
 DESCRIPTION = """\
@@ -79,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         "data": str(folder.root.resolve()), "split": split_file,
         "preprocess": folder.preprocess.to_dict(), "skipped": skipped,
     })
-    stats.save(stats_path)
-    if split_path is not None:
-        the_split.save(split_path)
+    if is_main():  # under torchrun every rank holds the same merged stats; one writes
+        stats.save(stats_path)
+        if split_path is not None:
+            the_split.save(split_path)
 
     elements = sum(s.mean.numel() for s in stats.sites.values())
     summary = {

@@ -29,6 +29,7 @@ from velcro.data import (
     resolve_task,
 )
 from velcro.data.folder import LABEL_MODES
+from velcro.distributed import is_main
 from velcro.errors import VelcroError
 
 MODEL_HELP = ("a registered model (resnet18, mobilenet_v2, googlenet, ...) or your own as "
@@ -291,7 +292,9 @@ def check_output(path: str | os.PathLike, option: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, document: dict) -> None:
-    """Write ``document`` as indented JSON, atomically."""
+    """Write ``document`` as indented JSON, atomically (on rank 0 only, under torchrun)."""
+    if not is_main():
+        return
     write_text_atomic(path, json.dumps(document, indent=1) + "\n")
 
 
@@ -300,12 +303,16 @@ def progress(args: argparse.Namespace) -> bool:
 
 
 def note(message: str) -> None:
-    """A one-line remark on stderr (not an error)."""
+    """A one-line remark on stderr (not an error); rank 0 only, under torchrun."""
+    if not is_main():
+        return
     print(f"velcro: {message}", file=sys.stderr)
 
 
 def emit(args: argparse.Namespace, summary: dict, lines: list[str]) -> None:
-    """Print the summary: JSON with --json, else readable lines."""
+    """Print the summary: JSON with --json, else readable lines; rank 0 only, under torchrun."""
+    if not is_main():
+        return
     if args.json:
         print(json.dumps(summary, indent=1))
         return
