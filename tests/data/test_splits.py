@@ -105,3 +105,10 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     bad.write_text('{"format": "other"}')
     with pytest.raises(VelcroError, match="not a velcro split"):
         Split.load(bad)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_two_percent_of_the_imagenet_cats_is_one_image_per_class(seed):
+    items = [(f"{label}/{i}.JPEG", label) for label in range(281, 286) for i in range(50)]
+    parts = split(items, seed=seed, labels=[label for _, label in items])
+    assert sorted(label for _, label in parts["calibration"]) == [281, 282, 283, 284, 285]
