@@ -1,0 +1,383 @@
+"""Code generation for ``trim``: a new graph that computes only the needed channels.
+
+Each tensor of the original graph becomes a *physical* tensor holding some of its channels
+(``layout``: channel ids in the order they are stored); every channel left out is a constant
+(:mod:`velcro._trim_graph` guarantees it). Consumers adapt to the layout they are given:
+
+- a convolution/linear keeps the weight columns of the channels present and folds the
+  constant channels into its bias (a bias map where the contribution is position-dependent);
+  its filters are the channels something downstream needs, ordered so that a residual
+  addition after it lines up with its partner;
+- channelwise operations run on the channels present (batch-norm and depthwise convolutions
+  sliced); a site drops the channels the plan makes constant;
+- additions add the channels both sides have (one slice addition where the layouts line
+  up) and fold the other side's constants into the producer's bias;
+- concatenations concatenate what is present; the layout records the offsets;
+- anything else gets the full tensor (:class:`Materialize`), so it computes what it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from velcro import _trim_ops as ops
+from velcro._trim_graph import Analysis, ChannelState
+from velcro._trim_modules import (
+    ChannelSelect,
+    ChannelSum,
+    Materialize,
+    rebuild,
+    slice_batchnorm,
+    slice_depthwise,
+    split_uniform,
+)
+
+
+@dataclass
+class Physical:
+    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``."""
+
+    node: fx.Node | None
+    layout: torch.Tensor
+
+
+def _positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
+    """channel id -> position in ``layout`` (-1 where absent)."""
+    where = torch.full((channels,), -1, dtype=torch.int64)
+    where[layout] = torch.arange(layout.numel())
+    return where
+
+
+def _select(value: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    return value.index_select(axis, index)
+
+
+class Builder:
+    """Builds the trimmed graph from an :class:`Analysis` of the (batch-norm folded) graph."""
+
+    def __init__(self, gm: fx.GraphModule, analysis: Analysis) -> None:
+        self.gm = gm
+        self.a = analysis
+        self.graph = fx.Graph()
+        self.modules: dict[str, object] = {}
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.phys: dict[fx.Node, Physical] = {}
+        self.materialized: dict[fx.Node, fx.Node] = {}
+        self.batch_source: fx.Node | None = None
+        # new producer node -> (module target, axis); where a sum's constants can go.
+        self.producers: dict[fx.Node, str] = {}
+        self.fresh: set[fx.Node] = set()
+        self.sites: dict[fx.Node, fx.Node | None] = {}
+        self.counter = 0
+
+    # -- helpers -------------------------------------------------------------------------
+    def _register(self, target: str, module: object) -> str:
+        name = target
+        while name in self.modules and self.modules[name] is not module:
+            self.counter += 1
+            name = f"{target}_{self.counter}"
+        self.modules[name] = module
+        return name
+
+    def _helper(self, kind: str, module: nn.Module, args: tuple) -> fx.Node:
+        self.counter += 1
+        target = self._register(f"velcro.{kind}_{self.counter}", module)
+        node = self.graph.call_module(target, args)
+        self.fresh.add(node)
+        return node
+
+    def state(self, node: fx.Node, axis: int) -> ChannelState:
+        if node in self.a.states:
+            return self.a.states[node]
+        value = self.a.values[node]
+        channels = value.shape[axis]
+        return ChannelState(axis, torch.zeros(channels, dtype=torch.bool), torch.zeros_like(value))
+
+    def physical(self, node: fx.Node, axis: int) -> Physical:
+        if node in self.phys:
+            return self.phys[node]
+        channels = self.a.values[node].shape[axis]
+        return Physical(self.env[node], torch.arange(channels))
+
+    def materialize(self, node: fx.Node) -> fx.Node:
+        """The full tensor of ``node``: computed channels and constants in place."""
+        if node not in self.phys:
+            return self.env[node]
+        if node in self.materialized:
+            return self.materialized[node]
+        phys, state = self.phys[node], self.a.states[node]
+        channels = state.channels
+        if phys.node is not None and torch.equal(phys.layout, torch.arange(channels)):
+            return phys.node
+        where = _positions(phys.layout, channels)
+        missing = (where < 0).nonzero().flatten()
+        assert bool(state.const[missing].all()), f"{node.name}: channels lost"
+        order = where.clone()
+        order[missing] = phys.layout.numel() + torch.arange(missing.numel())
+        constant = _select(state.value, state.axis, missing)
+        module = Materialize(constant, order, state.axis, computed=phys.node is not None)
+        source = phys.node if phys.node is not None else self.batch_source
+        result = self._helper("materialize", module, (source,))
+        self.materialized[node] = result
+        return result
+
+    def _map_args(self, node: fx.Node, replace: dict[fx.Node, fx.Node] | None = None):
+        replace = replace or {}
+
+        def lookup(n: fx.Node) -> fx.Node:
+            if n in replace:
+                return replace[n]
+            return self.materialize(n) if n in self.phys else self.env[n]
+
+        return fx.node.map_arg(node.args, lookup), fx.node.map_arg(node.kwargs, lookup)
+
+    def _copy(self, node: fx.Node, replace: dict[fx.Node, fx.Node] | None = None) -> fx.Node:
+        args, kwargs = self._map_args(node, replace)
+        if node.op == "call_module" and node.target not in self.modules:
+            self._register(node.target, self.gm.get_submodule(node.target))
+        if node.op == "get_attr":
+            value = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            self.modules[node.target] = value
+        new = self.graph.create_node(node.op, node.target, args, kwargs, node.name)
+        new.meta = dict(node.meta)
+        return new
+
+    # -- the pass ------------------------------------------------------------------------
+    def build(self, class_name: str) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            kind = self.a.kinds[node]
+            if node.op == "placeholder":
+                self.env[node] = self._copy(node)
+                self.batch_source = self.batch_source or self.env[node]
+            elif node.op == "output":
+                self.graph.output(self._map_args(node)[0][0])
+            elif kind == "producer" and node in self.a.states:
+                self._producer(node)
+            elif kind == "channelwise" and node in self.a.states:
+                self._channelwise(node)
+            elif kind == "sum" and node in self.a.states:
+                self._sum(node)
+            elif kind == "cat" and node in self.a.states:
+                self._cat(node)
+            elif kind == "flatten" and node in self.a.states:
+                self._flatten(node)
+            elif kind == "batch_size":
+                self._batch_size(node)
+            else:
+                self.env[node] = self._copy(node)
+        self.graph.lint()
+        return fx.GraphModule(self.modules, self.graph, class_name)
+
+    def _record(self, node: fx.Node, phys: Physical) -> None:
+        self.phys[node] = phys
+        if node in self.a.site_units:
+            self.sites[node] = phys.node
+
+    def _out_layout(self, node: fx.Node) -> torch.Tensor:
+        """The filters a producer computes: those needed, lined up with a residual partner."""
+        layout = self.a.needed[node].nonzero().flatten()
+        users = list(node.users)
+        if len(users) != 1 or self.a.kinds[users[0]] != "sum" or users[0] not in self.a.states:
+            return layout
+        a, b, _ = ops.sum_operands(users[0])
+        partner = b if a is node else a
+        if partner not in self.phys and partner not in self.env:
+            return layout
+        partner_layout = self.physical(partner, self.a.states[node].axis).layout
+        in_partner = self.a.needed[node].clone()
+        in_partner[:] = False
+        in_partner[partner_layout] = True
+        shared = partner_layout[self.a.needed[node][partner_layout]]
+        rest = layout[~in_partner[layout]]
+        return torch.cat([shared, rest])
+
+    def _producer(self, node: fx.Node) -> None:
+        module = self.gm.get_submodule(node.target)
+        state = self.a.states[node]
+        layout = self._out_layout(node)
+        if layout.numel() == 0:
+            self._record(node, Physical(None, layout))
+            return
+        source = ops.tensor_arg(node)
+        in_axis = 1 if isinstance(module, ops.CONV_MODULES) else self.a.values[source].dim() - 1
+        in_state = self.state(source, in_axis)
+        in_phys = self.physical(source, in_axis)
+        assert in_phys.node is not None, f"{node.name} has no computed input"
+        folded = in_state.const.clone()
+        folded[in_phys.layout] = False
+        weight = module.weight.detach()
+        new_weight = weight.index_select(0, layout).index_select(1, in_phys.layout)
+        bias = (module.bias.detach().double().index_select(0, layout) if module.bias is not None
+                else torch.zeros(layout.numel(), dtype=torch.float64))
+        bias_map = torch.empty(0)
+        if bool(folded.any()):
+            probe = in_state.mask(folded)
+            with torch.no_grad():
+                if isinstance(module, ops.CONV_MODULES):
+                    contribution = module._conv_forward(probe, weight, None)
+                else:
+                    contribution = nn.functional.linear(probe, weight)
+            contribution = contribution.double()
+            contribution = _select(contribution, state.axis, layout)
+            uniform, bias_map = split_uniform(contribution, state.axis)
+            bias = bias + uniform
+        new = rebuild(module, new_weight, bias, bias_map)
+        target = self._register(node.target, new)
+        new_node = self.graph.call_module(target, (in_phys.node,))
+        self.producers[new_node] = target
+        self.fresh.add(new_node)
+        self._record(node, Physical(new_node, layout))
+
+    def _channelwise(self, node: fx.Node) -> None:
+        source = ops.tensor_arg(node)
+        state = self.a.states[node]
+        in_phys = self.physical(source, state.axis)
+        multiple = state.channels // self.state(source, state.axis).channels
+        layout = (in_phys.layout[:, None] * multiple + torch.arange(multiple)).flatten()
+        if in_phys.node is None:
+            self._record(node, Physical(None, layout))
+            return
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, ops.BATCHNORM_MODULES):
+                module = slice_batchnorm(module, in_phys.layout)
+            elif ops.is_depthwise(module):
+                module = slice_depthwise(module, in_phys.layout, layout)
+            target = self._register(node.target, module)
+            new = self.graph.call_module(target, (in_phys.node,))
+        else:
+            new = self._copy(node, {source: in_phys.node})
+        if node in self.a.site_units:
+            junk = torch.zeros(state.channels, dtype=torch.bool)
+            junk[self.a.site_units[node]] = True
+            keep = (~junk[layout]).nonzero().flatten()
+            if keep.numel() < layout.numel():
+                layout = layout[keep]
+                new = self._helper("select", ChannelSelect(keep, state.axis), (new,))
+                if layout.numel() == 0:
+                    new = None
+        self._record(node, Physical(new, layout))
+
+    def _sum(self, node: fx.Node) -> None:
+        a, b, sign = ops.sum_operands(node)
+        state = self.a.states[node]
+        axis = state.axis
+        layout = self.a.needed[node].nonzero().flatten()
+        if layout.numel() == 0:
+            self._record(node, Physical(None, layout))
+            return
+        operands = [(a, 1, self.physical(a, axis), self.state(a, axis)),
+                    (b, sign, self.physical(b, axis), self.state(b, axis))]
+        covering = [op for op in operands if op[2].node is not None and bool(
+            (_positions(op[2].layout, state.channels)[layout] >= 0).all())]
+        covering = [op for op in covering if op[1] > 0]
+        if not covering:
+            full = [self.materialize(n) for n in (a, b)]
+            new = self.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(full))
+            self._record(node, Physical(new, torch.arange(state.channels)))
+            return
+        base = covering[0]
+        other = operands[1] if base is operands[0] else operands[0]
+        if base[2].layout.numel() == layout.numel():
+            layout = base[2].layout  # the same channels: keep the base's order, no copy
+        base_where = _positions(base[2].layout, state.channels)
+        base_node = base[2].node
+        if not torch.equal(base_where[layout], torch.arange(layout.numel())):
+            base_node = self._helper("select", ChannelSelect(base_where[layout], axis),
+                                     (base_node,))
+        constant = torch.zeros_like(_select(state.value, axis, layout))
+        other_where = _positions(other[2].layout, state.channels)[layout]
+        absent = other_where < 0
+        if bool(absent.any()):
+            assert bool(other[3].const[layout[absent]].all())
+            constant = constant + other[1] * other[3].mask(
+                _mask_of(layout[absent], state.channels)).index_select(axis, layout)
+        inputs = [base_node]
+        sources, targets, signs = [], [], [1]
+        if other[2].node is not None and bool((~absent).any()):
+            present = (~absent).nonzero().flatten()
+            sources.append(other_where[present])
+            targets.append(present)
+            signs.append(other[1])
+            inputs.append(other[2].node)
+        inplace = base_node in self.fresh and (base_node is not base[2].node or len(
+            base[0].users) == 1)
+        if bool(constant.ne(0).any()) and not self._fold_into_producer(
+                base_node, constant, axis, base_node is base[2].node and len(base[0].users) == 1):
+            inputs[0] = self._add_constant(inputs[0], constant, inplace)
+            inplace = True
+        if len(inputs) == 1:
+            self._record(node, Physical(inputs[0], layout))
+            return
+        module = ChannelSum(signs, sources, targets, axis, inplace)
+        self._record(node, Physical(self._helper("sum", module, tuple(inputs)), layout))
+
+    def _fold_into_producer(self, new_node: fx.Node, constant: torch.Tensor, axis: int,
+                            single_use: bool) -> bool:
+        """Add ``constant`` (one image, in the node's layout) to the producer's bias."""
+        if new_node not in self.producers or not single_use:
+            return False
+        target = self.producers[new_node]
+        module = self.modules[target]
+        uniform, remainder = split_uniform(constant.double(), axis)
+        old_map = getattr(module, "bias_map", None)
+        if remainder.numel() and old_map is not None:
+            remainder = remainder + old_map.double()
+        elif old_map is not None:
+            remainder = old_map.double()
+        bias = module.bias.detach().double() + uniform
+        self.modules[target] = rebuild(module, module.weight.detach(), bias, remainder)
+        return True
+
+    def _add_constant(self, node: fx.Node, constant: torch.Tensor, inplace: bool) -> fx.Node:
+        self.counter += 1
+        target = self._register(f"velcro.constant_{self.counter}", constant[0].float().contiguous())
+        add = self.graph.call_function(torch.Tensor.add_ if inplace else torch.add,
+                                       (node, self.graph.get_attr(target)))
+        self.fresh.add(add)
+        return add
+
+    def _cat(self, node: fx.Node) -> None:
+        inputs, _ = ops.cat_inputs(node)
+        state = self.a.states[node]
+        nodes, layouts, offset = [], [], 0
+        for part in inputs:
+            phys = self.physical(part, state.axis)
+            if phys.node is not None:
+                nodes.append(phys.node)
+                layouts.append(phys.layout + offset)
+            offset += self.a.values[part].shape[state.axis]
+        layout = torch.cat(layouts) if layouts else torch.zeros(0, dtype=torch.int64)
+        new = self.graph.call_function(torch.cat, (nodes, state.axis)) if nodes else None
+        if new is not None:
+            self.fresh.add(new)
+        self._record(node, Physical(new, layout))
+
+    def _flatten(self, node: fx.Node) -> None:
+        source = ops.tensor_arg(node)
+        in_phys = self.phys[source] if source in self.phys else self.physical(source, 1)
+        spatial = self.a.values[source][0, 0].numel()
+        layout = (in_phys.layout[:, None] * spatial + torch.arange(spatial)).flatten()
+        if in_phys.node is None:
+            self._record(node, Physical(None, layout))
+            return
+        self._record(node, Physical(self._copy(node, {source: in_phys.node}), layout))
+
+    def _batch_size(self, node: fx.Node) -> None:
+        source = node.args[0]
+        phys = self.phys.get(source)
+        holder = phys.node if phys is not None else self.env[source]
+        holder = holder if holder is not None else self.batch_source
+        self.env[node] = self.graph.call_method("size", (holder, 0))
+
+
+def _mask_of(channels: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[channels] = True
+    return mask

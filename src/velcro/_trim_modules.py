@@ -1,0 +1,243 @@
+"""The few modules a trimmed model adds to plain convolutions, linears and batch-norms.
+
+Each does one dense operation over the channels that are still computed, so that a trimmed
+model stays a sequence of ordinary PyTorch (and ONNX) operations.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+# A contribution whose spread over positions is below this (relative) is a plain bias.
+UNIFORM_TOLERANCE = 1e-6
+
+
+class _BiasMapMixin:
+    """Adds a precomputed per-image map (the folded contribution of constant input channels).
+
+    A constant input channel's contribution to a convolution is position-dependent where
+    zero padding cuts the kernel, or where the constant itself is a map; ``bias_map`` holds
+    that contribution minus the part already in the plain ``bias``.
+    """
+
+    bias_map: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # type: ignore[misc]
+        return out + self.bias_map
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bias_map={tuple(self.bias_map.shape)}"  # type: ignore[misc]
+
+
+class Conv1dWithMap(_BiasMapMixin, nn.Conv1d):
+    """``nn.Conv1d`` plus a bias map."""
+
+
+class Conv2dWithMap(_BiasMapMixin, nn.Conv2d):
+    """``nn.Conv2d`` plus a bias map."""
+
+
+class Conv3dWithMap(_BiasMapMixin, nn.Conv3d):
+    """``nn.Conv3d`` plus a bias map."""
+
+
+class LinearWithMap(_BiasMapMixin, nn.Linear):
+    """``nn.Linear`` on inputs with extra axes (tokens), plus a bias map over them."""
+
+
+WITH_MAP = {nn.Conv1d: Conv1dWithMap, nn.Conv2d: Conv2dWithMap, nn.Conv3d: Conv3dWithMap,
+            nn.Linear: LinearWithMap}
+
+
+def _ranges(index: torch.Tensor) -> tuple[int, int] | None:
+    """(start, length) when ``index`` is a run of consecutive integers, else None."""
+    if index.numel() == 0:
+        return None
+    start = int(index[0])
+    if torch.equal(index, torch.arange(start, start + index.numel(), dtype=index.dtype)):
+        return start, index.numel()
+    return None
+
+
+class ChannelSelect(nn.Module):
+    """Keeps the channels at ``index`` (positions along ``dim``), in that order (a copy)."""
+
+    def __init__(self, index: torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", index.to(torch.int64).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, channels={self.index.numel()}"
+
+
+class ChannelSum(nn.Module):
+    """The sum (or difference) of tensors holding different subsets of the channels.
+
+    ``out = base + sum_i sign_i * place(x_i)`` where ``base`` (the first input) holds every
+    output channel in order, and input i adds its channels at positions ``src_i`` to output
+    positions ``dst_i``. Contiguous positions become slices, so that the common case (the
+    channels two branches share laid out first) costs one in-place slice addition.
+
+    Args:
+        signs: +1 or -1 per input; the first input's sign is +1.
+        sources, targets: per further input, positions in that input and in the output.
+        dim: the channel axis.
+        inplace: the first input is a fresh tensor nobody else reads: add into it.
+    """
+
+    def __init__(self, signs: list[int], sources: list[torch.Tensor],
+                 targets: list[torch.Tensor], dim: int, inplace: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.inplace = inplace
+        self.signs = list(signs)
+        self.source_slices: list[tuple[int, int] | None] = []
+        self.target_slices: list[tuple[int, int] | None] = []
+        for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
+            self.register_buffer(f"source_{i}", source.to(torch.int64).clone())
+            self.register_buffer(f"target_{i}", target.to(torch.int64).clone())
+            self.source_slices.append(_ranges(source))
+            self.target_slices.append(_ranges(target))
+
+    def forward(self, base: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        out = base
+        fresh = self.inplace
+        for i, x in enumerate(others):
+            source = self.source_slices[i]
+            if source is not None and source == (0, x.shape[self.dim]):
+                piece = x
+            elif source is not None:
+                piece = x.narrow(self.dim, source[0], source[1])
+            else:
+                piece = x.index_select(self.dim, getattr(self, f"source_{i}"))
+            if self.signs[i + 1] < 0:
+                piece = -piece
+            target = self.target_slices[i]
+            if target is not None and target == (0, out.shape[self.dim]):
+                out = out.add_(piece) if fresh else out + piece
+                fresh = True
+                continue
+            if torch.onnx.is_in_onnx_export():
+                out = self._scatter_add(out, piece, i)
+                fresh = True
+                continue
+            if not fresh:
+                out = out.clone()
+                fresh = True
+            if target is not None:
+                out.narrow(self.dim, target[0], target[1]).add_(piece)
+            else:
+                out.index_add_(self.dim, getattr(self, f"target_{i}"), piece)
+        return out
+
+    def _scatter_add(self, out: torch.Tensor, piece: torch.Tensor, i: int) -> torch.Tensor:
+        """Out-of-place placement (exporters handle it better than in-place slices)."""
+        target = getattr(self, f"target_{i}")
+        size = out.shape[self.dim]
+        shape = list(piece.shape)
+        shape[self.dim] = size - target.numel()
+        zeros = piece.new_zeros(shape)
+        order = torch.full((size,), -1, dtype=torch.int64)
+        order[target.cpu()] = torch.arange(target.numel())
+        rest = (order < 0).nonzero().flatten()
+        order[rest] = torch.arange(target.numel(), size)
+        placed = torch.cat([piece, zeros], self.dim).index_select(self.dim,
+                                                                  order.to(piece.device))
+        return out + placed
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, inputs={len(self.signs)}, inplace={self.inplace}"
+
+
+class Materialize(nn.Module):
+    """The full tensor: the computed channels in their places, the constants in theirs.
+
+    Used only where something needs every channel (the model's output, an operation trimming
+    does not understand). ``constant`` holds the missing channels (one image, in channel
+    order); ``order`` maps each channel to its position in ``cat([x, constant])``.
+    """
+
+    def __init__(self, constant: torch.Tensor, order: torch.Tensor, dim: int,
+                 computed: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.computed = computed
+        self.register_buffer("constant", constant.clone())
+        self.register_buffer("order", order.to(torch.int64).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        constant = self.constant.to(x.dtype).expand(x.shape[0], *self.constant.shape[1:])
+        if not self.computed:  # x only gives the batch size
+            return constant.contiguous()
+        return torch.cat([x, constant], self.dim).index_select(self.dim, self.order)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, constant_channels={self.constant.shape[self.dim]}"
+
+
+def split_uniform(contribution: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-channel bias, remaining map or an empty tensor when every channel is uniform)."""
+    if contribution.dim() == 2:  # (1, features): a plain bias
+        return contribution[0], torch.empty(0)
+    moved = contribution[0].movedim(axis - 1, 0).flatten(1)
+    centre = moved.mean(dim=1)
+    spread = (moved - centre[:, None]).abs().amax(dim=1)
+    scale = moved.abs().amax(dim=1).clamp_min(1.0)
+    if bool((spread <= UNIFORM_TOLERANCE * scale).all()):
+        return centre, torch.empty(0)
+    view = [1] * (contribution.dim() - 1)
+    view[axis - 1] = -1
+    return centre, contribution[0] - centre.view(view)
+
+
+def rebuild(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+             bias_map: torch.Tensor) -> nn.Module:
+    """A conv/linear like ``module`` with these weights (and a bias map when non-empty)."""
+    base = nn.Linear if isinstance(module, nn.Linear) else next(
+        c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, c))
+    cls = WITH_MAP[base] if bias_map.numel() else base
+    if base is nn.Linear:
+        new = cls(weight.shape[1], weight.shape[0], bias=True)
+    else:
+        new = cls(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size,
+                  stride=module.stride, padding=module.padding, dilation=module.dilation,
+                  groups=module.groups, bias=True, padding_mode=module.padding_mode)
+    dtype = weight.dtype
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias.to(dtype))
+    if bias_map.numel():
+        new.register_buffer("bias_map", bias_map.to(dtype).contiguous())
+    return new.to(weight.device)
+
+
+def slice_batchnorm(module: nn.Module, layout: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(module)
+    new.num_features = layout.numel()
+    for name in ("weight", "bias"):
+        param = getattr(module, name)
+        if param is not None:
+            setattr(new, name, nn.Parameter(param.detach().index_select(0, layout).clone()))
+    for name in ("running_mean", "running_var"):
+        buffer = getattr(module, name)
+        if buffer is not None:
+            setattr(new, name, buffer.index_select(0, layout).clone())
+    return new
+
+
+def slice_depthwise(module: nn.Module, in_layout: torch.Tensor,
+                     out_layout: torch.Tensor) -> nn.Module:
+    weight = module.weight.detach().index_select(0, out_layout)
+    bias = (module.bias.detach().double().index_select(0, out_layout) if module.bias is not None
+            else torch.zeros(out_layout.numel(), dtype=torch.float64))
+    shell = copy.copy(module)
+    shell.groups = in_layout.numel()
+    return rebuild(shell, weight, bias, torch.empty(0))

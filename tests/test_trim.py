@@ -1,0 +1,165 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from zoo import TOPOLOGIES, build, images, randomize_batchnorm
+
+import velcro
+from velcro.errors import VelcroError
+
+
+def random_thresholds(names, seed, high=0.8):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: float(torch.rand(1, generator=gen)) * high for name in names}
+
+
+def assert_same_outputs(reference, trimmed, x):
+    with torch.no_grad():
+        expected, got = reference(x), trimmed(x)
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max() / scale) <= 1e-4
+
+
+def assert_smaller(model, small, x):
+    before, after = velcro.cost(model, x), velcro.cost(small, x)
+    assert after.macs < before.macs
+    assert after.parameters < before.parameters
+    assert after.activations < before.activations
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+@pytest.mark.parametrize("constant", ["map", "scalar"])
+def test_trimmed_zoo_models_compute_what_apply_computes(name, constant):
+    model, shape = build(name)
+    stats = velcro.calibrate(model, images(shape, 16), progress=False)
+    x = images(shape, 8, seed=11)[0]
+    for seed in range(3):
+        plan = velcro.plan(stats, random_thresholds(stats.names, seed), granularity="channel",
+                           constant=constant)
+        small = velcro.trim(model, plan)
+        assert_same_outputs(velcro.apply(model, plan), small, x)
+        assert_smaller(model, small, x)
+    with torch.no_grad():  # the plan does change the outputs: the comparison means something
+        assert not torch.allclose(model(x), small(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["chain", "residual", "concat", "depthwise"])
+def test_whole_sites_constant_and_everything_constant(name):
+    model, shape = build(name)
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    x = images(shape, 4, seed=2)[0]
+    one_site = {stats.names[1]: 1.0, stats.names[-1]: 0.5}
+    for thresholds in (one_site, 1.0):
+        plan = velcro.plan(stats, thresholds, granularity="channel")
+        assert_same_outputs(velcro.apply(model, plan), velcro.trim(model, plan), x)
+    everything = velcro.trim(model, velcro.plan(stats, 1.0, granularity="channel"))
+    with torch.no_grad():  # every image gets the same output
+        out = everything(x)
+    torch.testing.assert_close(out, out[:1].expand_as(out))
+
+
+class Unusual(nn.Module):
+    """Operations trimming does not understand, fed by sites with constant channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = F.relu(self.conv1(x))
+        b = F.relu(self.conv2(a))  # grouped (not depthwise) conv reads a
+        c = torch.sigmoid(self.conv3(b)) * b  # product of two tensors
+        d = c.transpose(2, 3) - 0.5 * a.transpose(2, 3)  # transposes, scalar arithmetic
+        e = d.mean((2, 3))
+        return self.fc(F.relu(e + 1.0))
+
+
+def test_operations_trimming_does_not_understand_get_the_full_tensor():
+    model = Unusual().eval()
+    data = images((3, 6, 6), 16)
+    stats = velcro.calibrate(model, data, progress=False)
+    x = images((3, 6, 6), 4, seed=3)[0]
+    for seed in range(3):
+        plan = velcro.plan(stats, random_thresholds(stats.names, seed, high=1.0),
+                           granularity="channel")
+        assert_same_outputs(velcro.apply(model, plan), velcro.trim(model, plan), x)
+
+
+def big_model(name):
+    """A built-in model with weights that keep activations near unit scale.
+
+    (With torchvision's init and random batch-norm statistics, activations shrink to
+    denormal floats, which CPUs compute a hundred times slower.)
+    """
+    kwargs = {"aux_logits": False} if name == "googlenet" else {}
+    model = randomize_batchnorm(velcro.models.create(name, num_classes=10, **kwargs))
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "googlenet"])
+def test_builtin_models_trim_to_what_apply_computes(name):
+    model = big_model(name)
+    shape = (3, 64, 64)
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    x = images(shape, 2, seed=4)[0]
+    plans = [
+        velcro.plan(stats, random_thresholds(stats.names, 7), granularity="channel",
+                    constant="map"),
+        velcro.plan(stats, 0.3, granularity="channel", constant="scalar", score="relative"),
+    ]
+    for plan in plans:
+        small = velcro.trim(model, plan)
+        assert_same_outputs(velcro.apply(model, plan), small, x)
+        assert_smaller(model, small, x)
+
+
+def test_state_dict_reloads_into_the_rebuilt_recipe(tmp_path):
+    model, shape = build("residual")
+    stats = velcro.calibrate(model, images(shape, 16), progress=False)
+    plan = velcro.plan(stats, 0.4, granularity="channel")
+    small = velcro.trim(model, plan)
+    plan.save(tmp_path / "plan.json")
+    save_file(small.state_dict(), str(tmp_path / "small.safetensors"))
+
+    rebuilt = velcro.trim(build("residual")[0], velcro.Plan.load(tmp_path / "plan.json"))
+    rebuilt.load_state_dict(load_file(str(tmp_path / "small.safetensors")))
+    x = images(shape, 4, seed=8)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), small(x), rtol=0, atol=0)
+
+
+def test_input_shape_is_inferred_or_given():
+    model, shape = build("concat")
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    plan = velcro.plan(stats, 0.5, granularity="channel")
+    assert velcro.trim(model, plan).velcro_input_shape == shape
+    with pytest.raises(VelcroError, match="computes"):
+        velcro.trim(model, plan, input_shape=(3, 12, 12))
+
+
+def test_element_plans_and_plans_of_other_models_are_refused():
+    model, shape = build("chain")
+    stats = velcro.calibrate(model, images(shape, 4), progress=False)
+    with pytest.raises(VelcroError, match="needs a channel plan"):
+        velcro.trim(model, velcro.plan(stats, 0.3))
+    with pytest.raises(VelcroError, match="another model"):
+        velcro.trim(build("residual")[0], velcro.plan(stats, 0.3, granularity="channel"))
+
+
+def test_the_original_model_is_untouched():
+    model, shape = build("depthwise")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    velcro.trim(model, velcro.plan(stats, 0.5, granularity="channel"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert not model.training
