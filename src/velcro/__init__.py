@@ -22,6 +22,7 @@ from velcro.evaluate import Report, evaluate
 from velcro.plan import Plan, plan
 from velcro.sites import find_sites, trace
 from velcro.stats import Stats
+from velcro.trim import trim
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "models",
     "plan",
     "trace",
+    "trim",
 ]
