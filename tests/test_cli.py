@@ -1,5 +1,6 @@
 """The `velcro` command end to end on a generated image task, in process."""
 
+import importlib
 import json
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cli_workspace import CLASSES, DATA_OPTIONS, PER_CLASS, build, preprocess
+from safetensors.torch import load_file
 
 import velcro
 from velcro.cli import main
@@ -133,6 +135,39 @@ def test_thresholds_as_a_list_in_site_order_or_a_json_file(ws, cli, tmp_path):
     thresholds = Plan.load(tmp_path / "map.json").thresholds()
     assert thresholds[names[0]] == 0.0 and thresholds[names[1]] == pytest.approx(0.25)
     assert json.loads(out)["sites"][1]["threshold"] == pytest.approx(0.25)
+
+
+def test_trim_writes_a_smaller_model_that_evaluates_like_apply(ws, cli, tmp_path):
+    stats_path, plan_path = tmp_path / "s.safetensors", tmp_path / "p.json"
+    trimmed_path = tmp_path / "trimmed.safetensors"
+    assert cli("calibrate", ws.data, *TINY, "--weights", ws.weights, "-o", stats_path,
+               *DATA_OPTIONS)[0] == 0
+    code, out, err = cli("compress", "--stats", stats_path, "--thresholds", "0.5",
+                         "--granularity", "channel", "-o", plan_path, *TINY, "--weights",
+                         ws.weights, "--trim", trimmed_path, "--json", "--device", "cpu")
+    assert code == 0, err
+    summary = json.loads(out)
+    model, plan = ws.model(), Plan.load(plan_path)
+    trimmed = velcro.trim(model, plan)
+    assert summary["parameters"]["trimmed"] == sum(p.numel() for p in trimmed.parameters())
+    assert summary["parameters"]["trimmed"] < summary["parameters"]["original"]
+    # the saved weights, loaded into the architecture rebuilt from the plan alone (random
+    # weights, as trim's documentation prescribes), compute what apply computes
+    rebuilt = velcro.trim(importlib.import_module("clitiny").factory(), plan, check=False)
+    rebuilt.load_state_dict(load_file(str(trimmed_path)))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), velcro.apply(model, plan)(x),
+                                   rtol=1e-4, atol=1e-5)
+
+    code, out, err = cli("evaluate", ws.data, *TINY, "--weights", ws.weights, "--plan",
+                         plan_path, "--trim", "--json", *DATA_OPTIONS)
+    assert code == 0, err
+    evaluated = json.loads(out)
+    assert evaluated["images"] == CLASSES * PER_CLASS
+    assert evaluated["compressed"]["correct"] == velcro.evaluate(
+        velcro.apply(model, plan), loader(ws, ImageFolder(ws.data).samples),
+        task_classes=[0, 1, 2], progress=False).correct
 
 
 def test_inspect_stats_plan_split_weights_and_models(ws, cli, tmp_path):
