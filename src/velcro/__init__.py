@@ -19,7 +19,9 @@ from velcro.calibrate import calibrate
 from velcro.cost import Cost, cost
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
+from velcro.export import export_onnx
 from velcro.plan import Plan, plan
+from velcro.search import SearchResult, search
 from velcro.sites import find_sites, trace
 from velcro.stats import Stats
 from velcro.trim import trim
@@ -30,15 +32,18 @@ __all__ = [
     "Cost",
     "Plan",
     "Report",
+    "SearchResult",
     "Stats",
     "VelcroError",
     "apply",
     "calibrate",
     "cost",
     "evaluate",
+    "export_onnx",
     "find_sites",
     "models",
     "plan",
+    "search",
     "trace",
     "trim",
 ]
