@@ -36,10 +36,17 @@ from velcro._trim_modules import (
     split_uniform,
 )
 
+# A layout position that holds no channel: padding that keeps channel counts at a multiple
+# of ``channel_multiple`` (its value is meaningless; consumers give it zero weight).
+PAD = -1
+
 
 @dataclass
 class Physical:
-    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``."""
+    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``.
+
+    ``layout[i]`` is the channel id stored at position i, or ``PAD``.
+    """
 
     node: fx.Node | None
     layout: torch.Tensor
@@ -48,8 +55,16 @@ class Physical:
 def _positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
     """channel id -> position in ``layout`` (-1 where absent)."""
     where = torch.full((channels,), -1, dtype=torch.int64)
-    where[layout] = torch.arange(layout.numel())
+    valid = layout >= 0
+    where[layout[valid]] = torch.arange(layout.numel())[valid]
     return where
+
+
+def _expand(layout: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The layout after each channel becomes ``multiple`` consecutive ones (padding stays)."""
+    expanded = layout[:, None] * multiple + torch.arange(multiple)
+    expanded[layout < 0] = PAD
+    return expanded.flatten()
 
 
 def _select(value: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
@@ -59,9 +74,10 @@ def _select(value: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor
 class Builder:
     """Builds the trimmed graph from an :class:`Analysis` of the (batch-norm folded) graph."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: Analysis) -> None:
+    def __init__(self, gm: fx.GraphModule, analysis: Analysis, channel_multiple: int = 1) -> None:
         self.gm = gm
         self.a = analysis
+        self.channel_multiple = channel_multiple
         self.graph = fx.Graph()
         self.modules: dict[str, object] = {}
         self.env: dict[fx.Node, fx.Node] = {}
@@ -181,21 +197,24 @@ class Builder:
 
     def _out_layout(self, node: fx.Node) -> torch.Tensor:
         """The filters a producer computes: those needed, lined up with a residual partner."""
-        layout = self.a.needed[node].nonzero().flatten()
+        needed = self.a.needed[node]
+        layout = needed.nonzero().flatten()
         users = list(node.users)
-        if len(users) != 1 or self.a.kinds[users[0]] != "sum" or users[0] not in self.a.states:
-            return layout
-        a, b, _ = ops.sum_operands(users[0])
-        partner = b if a is node else a
-        if partner not in self.phys and partner not in self.env:
-            return layout
-        partner_layout = self.physical(partner, self.a.states[node].axis).layout
-        in_partner = self.a.needed[node].clone()
-        in_partner[:] = False
-        in_partner[partner_layout] = True
-        shared = partner_layout[self.a.needed[node][partner_layout]]
-        rest = layout[~in_partner[layout]]
-        return torch.cat([shared, rest])
+        if len(users) == 1 and self.a.kinds[users[0]] == "sum" and users[0] in self.a.states:
+            a, b, _ = ops.sum_operands(users[0])
+            partner = b if a is node else a
+            if partner in self.phys or partner in self.env:
+                partner_layout = self.physical(partner, self.a.states[node].axis).layout
+                partner_layout = partner_layout[partner_layout >= 0]
+                shared = partner_layout[needed[partner_layout]]
+                rest = layout[_positions(partner_layout, needed.numel())[layout] < 0]
+                layout = torch.cat([shared, rest])
+        count, multiple = layout.numel(), self.channel_multiple
+        module = self.gm.get_submodule(node.target)
+        if count and multiple > 1 and isinstance(module, ops.CONV_MODULES):
+            padded = min(-(-count // multiple) * multiple, needed.numel())
+            layout = torch.cat([layout, torch.full((padded - count,), PAD)])
+        return layout
 
     def _producer(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
@@ -209,12 +228,17 @@ class Builder:
         in_state = self.state(source, in_axis)
         in_phys = self.physical(source, in_axis)
         assert in_phys.node is not None, f"{node.name} has no computed input"
+        in_layout = in_phys.layout
         folded = in_state.const.clone()
-        folded[in_phys.layout] = False
+        folded[in_layout[in_layout >= 0]] = False
         weight = module.weight.detach()
-        new_weight = weight.index_select(0, layout).index_select(1, in_phys.layout)
-        bias = (module.bias.detach().double().index_select(0, layout) if module.bias is not None
-                else torch.zeros(layout.numel(), dtype=torch.float64))
+        new_weight = weight.index_select(0, layout.clamp_min(0)).index_select(
+            1, in_layout.clamp_min(0))
+        new_weight[layout < 0] = 0.0
+        new_weight[:, in_layout < 0] = 0.0
+        bias = (module.bias.detach().double().index_select(0, layout.clamp_min(0))
+                if module.bias is not None else torch.zeros(layout.numel(), dtype=torch.float64))
+        bias[layout < 0] = 0.0
         bias_map = torch.empty(0)
         if bool(folded.any()):
             probe = in_state.mask(folded)
@@ -223,8 +247,8 @@ class Builder:
                     contribution = module._conv_forward(probe, weight, None)
                 else:
                     contribution = nn.functional.linear(probe, weight)
-            contribution = contribution.double()
-            contribution = _select(contribution, state.axis, layout)
+            contribution = _select(contribution.double(), state.axis, layout.clamp_min(0))
+            contribution[(slice(None),) * state.axis + (layout < 0,)] = 0.0
             uniform, bias_map = split_uniform(contribution, state.axis)
             bias = bias + uniform
         new = rebuild(module, new_weight, bias, bias_map)
@@ -239,7 +263,7 @@ class Builder:
         state = self.a.states[node]
         in_phys = self.physical(source, state.axis)
         multiple = state.channels // self.state(source, state.axis).channels
-        layout = (in_phys.layout[:, None] * multiple + torch.arange(multiple)).flatten()
+        layout = _expand(in_phys.layout, multiple)
         if in_phys.node is None:
             self._record(node, Physical(None, layout))
             return
@@ -254,7 +278,7 @@ class Builder:
         else:
             new = self._copy(node, {source: in_phys.node})
         if node in self.a.site_units:
-            junk = torch.zeros(state.channels, dtype=torch.bool)
+            junk = torch.zeros(state.channels + 1, dtype=torch.bool)  # [-1]: padding, kept
             junk[self.a.site_units[node]] = True
             keep = (~junk[layout]).nonzero().flatten()
             if keep.numel() < layout.numel():
@@ -284,24 +308,26 @@ class Builder:
             return
         base = covering[0]
         other = operands[1] if base is operands[0] else operands[0]
-        if base[2].layout.numel() == layout.numel():
-            layout = base[2].layout  # the same channels: keep the base's order, no copy
-        base_where = _positions(base[2].layout, state.channels)
         base_node = base[2].node
-        if not torch.equal(base_where[layout], torch.arange(layout.numel())):
+        if int((base[2].layout >= 0).sum()) == layout.numel():
+            layout = base[2].layout  # the same channels: keep the base's order, no copy
+        else:
+            base_where = _positions(base[2].layout, state.channels)
             base_node = self._helper("select", ChannelSelect(base_where[layout], axis),
                                      (base_node,))
-        constant = torch.zeros_like(_select(state.value, axis, layout))
-        other_where = _positions(other[2].layout, state.channels)[layout]
-        absent = other_where < 0
+        valid = layout >= 0
+        constant = torch.zeros_like(_select(state.value, axis, layout.clamp_min(0)))
+        other_where = _positions(other[2].layout, state.channels)[layout.clamp_min(0)]
+        absent = (other_where < 0) & valid
         if bool(absent.any()):
-            assert bool(other[3].const[layout[absent]].all())
+            assert bool(other[3].const[layout[absent]].all()), f"{node.name}: channels lost"
             constant = constant + other[1] * other[3].mask(
-                _mask_of(layout[absent], state.channels)).index_select(axis, layout)
+                _mask_of(layout[absent], state.channels)).index_select(axis, layout.clamp_min(0))
+            constant[(slice(None),) * axis + (~valid,)] = 0.0
         inputs = [base_node]
         sources, targets, signs = [], [], [1]
-        if other[2].node is not None and bool((~absent).any()):
-            present = (~absent).nonzero().flatten()
+        if other[2].node is not None and bool(((other_where >= 0) & valid).any()):
+            present = ((other_where >= 0) & valid).nonzero().flatten()
             sources.append(other_where[present])
             targets.append(present)
             signs.append(other[1])
@@ -351,7 +377,7 @@ class Builder:
             phys = self.physical(part, state.axis)
             if phys.node is not None:
                 nodes.append(phys.node)
-                layouts.append(phys.layout + offset)
+                layouts.append(torch.where(phys.layout >= 0, phys.layout + offset, PAD))
             offset += self.a.values[part].shape[state.axis]
         layout = torch.cat(layouts) if layouts else torch.zeros(0, dtype=torch.int64)
         new = self.graph.call_function(torch.cat, (nodes, state.axis)) if nodes else None
@@ -363,7 +389,7 @@ class Builder:
         source = ops.tensor_arg(node)
         in_phys = self.phys[source] if source in self.phys else self.physical(source, 1)
         spatial = self.a.values[source][0, 0].numel()
-        layout = (in_phys.layout[:, None] * spatial + torch.arange(spatial)).flatten()
+        layout = _expand(in_phys.layout, spatial)
         if in_phys.node is None:
             self._record(node, Physical(None, layout))
             return

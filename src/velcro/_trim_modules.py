@@ -27,7 +27,7 @@ class _BiasMapMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)  # type: ignore[misc]
-        return out + self.bias_map
+        return out.add_(self.bias_map)  # into the fresh output: no allocation
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bias_map={tuple(self.bias_map.shape)}"  # type: ignore[misc]
@@ -220,24 +220,29 @@ def rebuild(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
 
 
 def slice_batchnorm(module: nn.Module, layout: torch.Tensor) -> nn.Module:
+    """The batch-norm of the channels in ``layout`` (padding positions reuse channel 0)."""
+    index = layout.clamp_min(0)
     new = copy.deepcopy(module)
     new.num_features = layout.numel()
     for name in ("weight", "bias"):
         param = getattr(module, name)
         if param is not None:
-            setattr(new, name, nn.Parameter(param.detach().index_select(0, layout).clone()))
+            setattr(new, name, nn.Parameter(param.detach().index_select(0, index).clone()))
     for name in ("running_mean", "running_var"):
         buffer = getattr(module, name)
         if buffer is not None:
-            setattr(new, name, buffer.index_select(0, layout).clone())
+            setattr(new, name, buffer.index_select(0, index).clone())
     return new
 
 
 def slice_depthwise(module: nn.Module, in_layout: torch.Tensor,
-                     out_layout: torch.Tensor) -> nn.Module:
-    weight = module.weight.detach().index_select(0, out_layout)
-    bias = (module.bias.detach().double().index_select(0, out_layout) if module.bias is not None
-            else torch.zeros(out_layout.numel(), dtype=torch.float64))
+                    out_layout: torch.Tensor) -> nn.Module:
+    """The depthwise convolution of the channels in ``in_layout`` (padding: zero filters)."""
+    weight = module.weight.detach().index_select(0, out_layout.clamp_min(0)).clone()
+    weight[out_layout < 0] = 0.0
+    bias = (module.bias.detach().double().index_select(0, out_layout.clamp_min(0))
+            if module.bias is not None else torch.zeros(out_layout.numel(), dtype=torch.float64))
+    bias[out_layout < 0] = 0.0
     shell = copy.copy(module)
     shell.groups = in_layout.numel()
     return rebuild(shell, weight, bias, torch.empty(0))

@@ -41,6 +41,7 @@ def trim(
     plan: Plan,
     *,
     input_shape: tuple[int, ...] | None = None,
+    channel_multiple: int = 8,
     check: bool = True,
 ) -> fx.GraphModule:
     """A smaller model computing what ``velcro.apply(model, plan)`` computes.
@@ -78,6 +79,11 @@ def trim(
         plan: a channel-granularity :class:`Plan`.
         input_shape: one input's shape (no batch axis), e.g. ``(3, 224, 224)``. Inferred from
             the plan's site shapes when not given.
+        channel_multiple: round each trimmed convolution's filter count up to a multiple of
+            this (never above the original count) with zero filters. CPU and GPU kernels
+            run channel counts that are multiples of 8 markedly faster (a 48-channel 3x3
+            convolution is faster than a 45-channel one despite 14% more MACs); the
+            padding is counted by :func:`velcro.cost`. 1 keeps exactly the live filters.
         check: verify that the plan was made from statistics of this model (fingerprints).
 
     Returns:
@@ -98,6 +104,8 @@ def trim(
             f"trimming needs a channel plan, got a '{plan.granularity}' plan; make one with "
             "velcro.plan(stats, thresholds, granularity='channel')"
         )
+    if not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise VelcroError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
     if check:
         check_plan_fits(model, plan)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -130,7 +138,7 @@ def trim(
         site_plans[node] = (site_plan.units.to(torch.int64), site_plan.constant.float(),
                             site_plan.channel_axis)
     analysis = _trim_graph.analyse(gm, values, site_plans)
-    builder = Builder(gm, analysis)
+    builder = Builder(gm, analysis, channel_multiple)
     small = builder.build(type(model).__name__)
     small.velcro_sites = {
         site.name: (builder.sites[nodes[site.node]].name
