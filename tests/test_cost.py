@@ -81,3 +81,18 @@ def test_an_input_the_model_rejects_is_a_velcro_error():
         velcro.cost(model, torch.zeros(1, 5, 12, 12))
     with pytest.raises(VelcroError, match="batch tensor"):
         velcro.cost(model, torch.tensor(1.0))
+
+
+def test_a_trimmed_models_bias_maps_count_as_elementwise_adds():
+    model, shape = build("chain")
+    stats = velcro.calibrate(model, [torch.randn(8, *shape)], progress=False)
+    small = velcro.trim(model, velcro.plan(stats, 0.5, granularity="channel"), channel_multiple=1)
+    cost = velcro.cost(small, torch.zeros(2, *shape))
+    mapped = {name: module for name, module in small.named_modules()
+              if hasattr(module, "bias_map")}
+    assert mapped  # map constants and zero padding make position-dependent biases
+    for row in cost.layers:
+        if row.name in mapped:
+            assert row.elementwise == mapped[row.name].bias_map.numel()
+            in_channels = mapped[row.name].weight.shape[1]
+            assert row.macs == row.elementwise * in_channels * 9

@@ -271,6 +271,9 @@ def cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
         per_image = tuple(shape[1:]) if shape and shape[0] == batch else tuple(shape)
         macs = _node_macs(gm, node, batch)
         elementwise = 0 if macs or _is_view(gm, node) else _numel(shape) // batch
+        if macs and node.op == "call_module" and isinstance(
+                getattr(gm.get_submodule(node.target), "bias_map", None), torch.Tensor):
+            elementwise = _numel(shape) // batch  # a trimmed conv's bias map: one add each
         if macs or elementwise or owned[0]:
             name = node.target if node.op == "call_module" else node.name
             layers.append(LayerCost(str(name), _kind(gm, node), per_image, macs, owned[0],
