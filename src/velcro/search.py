@@ -336,9 +336,9 @@ def validate(
     result.validation = {
         "images": before.images,
         "baseline": {"accuracy": before.accuracy, "ci95": list(before.ci95),
-                     "correct": before.correct},
+                     "correct": before.correct, "images": before.images},
         "compressed": {"accuracy": after.accuracy, "ci95": list(after.ci95),
-                       "correct": after.correct},
+                       "correct": after.correct, "images": after.images},
         "paired": after.paired_difference(before),
         "disjoint_checked": search_ids is not None and validation_ids is not None,
     }
