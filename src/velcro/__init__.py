@@ -24,6 +24,7 @@ from velcro.plan import Plan, plan
 from velcro.search import SearchResult, search
 from velcro.sites import find_sites, trace
 from velcro.stats import Stats
+from velcro.sweep import sweep
 from velcro.trim import trim
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "models",
     "plan",
     "search",
+    "sweep",
     "trace",
     "trim",
 ]
