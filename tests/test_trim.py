@@ -112,8 +112,8 @@ def big_model(name):
     denormal floats, which CPUs compute a hundred times slower.)
     """
     kwargs = {"aux_logits": False} if name == "googlenet" else {}
-    model = randomize_batchnorm(velcro.models.create(name, num_classes=10, **kwargs))
     torch.manual_seed(0)
+    model = randomize_batchnorm(velcro.models.create(name, num_classes=10, **kwargs))
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -178,3 +178,66 @@ def test_the_original_model_is_untouched():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
     assert not model.training
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+def test_save_and_load_without_pickle_or_the_original(tmp_path, name):
+    model, shape = build(name)
+    stats = velcro.calibrate(model, images(shape, 16), progress=False)
+    plan = velcro.plan(stats, 0.4, granularity="channel")
+    small = velcro.trim(model, plan, channel_multiple=1)
+    velcro.save_trimmed(small, tmp_path / "small.json")
+    loaded = velcro.load_trimmed(tmp_path / "small.json")
+    x = images(shape, 4, seed=6)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    assert loaded.velcro_sites == small.velcro_sites
+    assert sum(p.numel() for p in loaded.parameters()) == sum(
+        p.numel() for p in small.parameters())
+
+
+def test_saved_channel_placement_and_resnet18_reload(tmp_path):
+    model = Unusual().eval()
+    stats = velcro.calibrate(model, images((3, 6, 6), 16), progress=False)
+    plan = velcro.plan(stats, [0.5, 0.25], granularity="channel")
+    resnet = big_model("resnet18")
+    resnet_stats = velcro.calibrate(resnet, images((3, 32, 32), 4), progress=False)
+    for small in (velcro.trim(model, plan, channel_multiple=1),
+                  velcro.trim(resnet, velcro.plan(resnet_stats, 0.3, granularity="channel"))):
+        velcro.save_trimmed(small, tmp_path / "small.json")
+        loaded = velcro.load_trimmed(tmp_path / "small.json")
+        shape = small.velcro_input_shape
+        x = images(shape, 3, seed=6)[0]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.logsigmoid(F.relu(self.conv(x))).sum((2, 3))
+
+
+def test_saving_refuses_what_it_cannot_describe_and_loading_refuses_strangers(tmp_path):
+    model = Custom().eval()
+    stats = velcro.calibrate(model, images((3, 6, 6), 8), progress=False)
+    small = velcro.trim(model, velcro.plan(stats, 0.5, granularity="channel"))
+    with pytest.raises(VelcroError, match="cannot save node .log_sigmoid"):
+        velcro.save_trimmed(small, tmp_path / "custom.json")
+    assert not (tmp_path / "custom.json").exists()
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(VelcroError, match="not a velcro trimmed model"):
+        velcro.load_trimmed(tmp_path / "other.json")
+    chain, shape = build("chain")
+    stats = velcro.calibrate(chain, images(shape, 8), progress=False)
+    velcro.save_trimmed(velcro.trim(chain, velcro.plan(stats, 0.5, granularity="channel")),
+                        tmp_path / "chain.json")
+    text = (tmp_path / "chain.json").read_text()
+    assert '"torch.nn.functional.relu"' in text
+    (tmp_path / "chain.json").write_text(text.replace('"torch.nn.functional.relu"',
+                                                      '"os.system"'))
+    with pytest.raises(VelcroError, match="does not describe a model"):
+        velcro.load_trimmed(tmp_path / "chain.json")

@@ -74,8 +74,19 @@ class ChannelSelect(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(self.dim, self.index)
 
+    def config(self) -> dict:
+        return {"channels": self.index.numel(), "dim": self.dim}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ChannelSelect:
+        return cls(torch.zeros(int(config["channels"]), dtype=torch.int64), int(config["dim"]))
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, channels={self.index.numel()}"
+
+
+def _refind_slices(module: nn.Module, incompatible_keys: object) -> None:
+    module._find_slices()
 
 
 class ChannelSum(nn.Module):
@@ -98,14 +109,32 @@ class ChannelSum(nn.Module):
         super().__init__()
         self.dim = dim
         self.inplace = inplace
-        self.signs = list(signs)
-        self.source_slices: list[tuple[int, int] | None] = []
-        self.target_slices: list[tuple[int, int] | None] = []
+        self.signs = [int(sign) for sign in signs]
         for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
             self.register_buffer(f"source_{i}", source.to(torch.int64).clone())
             self.register_buffer(f"target_{i}", target.to(torch.int64).clone())
-            self.source_slices.append(_ranges(source))
-            self.target_slices.append(_ranges(target))
+        self._find_slices()
+        self.register_load_state_dict_post_hook(_refind_slices)
+
+    def _find_slices(self) -> None:
+        """Contiguous positions become slices (recomputed when indices are loaded)."""
+        count = len(self.signs) - 1
+        self.source_slices = [_ranges(getattr(self, f"source_{i}")) for i in range(count)]
+        self.target_slices = [_ranges(getattr(self, f"target_{i}")) for i in range(count)]
+
+    def config(self) -> dict:
+        count = len(self.signs) - 1
+        return {"signs": self.signs, "dim": self.dim, "inplace": self.inplace,
+                "sizes": [[getattr(self, f"source_{i}").numel(),
+                           getattr(self, f"target_{i}").numel()] for i in range(count)]}
+
+    @classmethod
+    def from_config(cls, config: dict) -> ChannelSum:
+        sizes = [(int(a), int(b)) for a, b in config["sizes"]]
+        return cls([int(s) for s in config["signs"]],
+                   [torch.zeros(a, dtype=torch.int64) for a, _ in sizes],
+                   [torch.zeros(b, dtype=torch.int64) for _, b in sizes],
+                   int(config["dim"]), bool(config["inplace"]))
 
     def forward(self, base: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         out = base
@@ -172,6 +201,16 @@ class Materialize(nn.Module):
         self.computed = computed
         self.register_buffer("constant", constant.clone())
         self.register_buffer("order", order.to(torch.int64).clone())
+
+    def config(self) -> dict:
+        return {"constant": list(self.constant.shape), "channels": self.order.numel(),
+                "dim": self.dim, "computed": self.computed}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Materialize:
+        return cls(torch.zeros([int(d) for d in config["constant"]]),
+                   torch.zeros(int(config["channels"]), dtype=torch.int64),
+                   int(config["dim"]), bool(config["computed"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         constant = self.constant.to(x.dtype).expand(x.shape[0], *self.constant.shape[1:])

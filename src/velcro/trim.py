@@ -24,11 +24,14 @@ The result equals ``velcro.apply(model, plan)`` up to float rounding.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from velcro import _trim_graph
+from velcro import _trim_graph, _trim_io
 from velcro._trim_build import Builder
 from velcro.apply import check_plan_fits
 from velcro.errors import VelcroError
@@ -57,22 +60,27 @@ def trim(
     placement of constants used only before operations trimming does not understand);
     ``velcro_sites`` maps each site name to the node computing what is left of it.
 
-    **Saving and loading.** The trimmed architecture is a deterministic function of the
-    original model and the plan, so the safe way to persist a trimmed model is its recipe
-    plus its weights, never a pickle (``torch.save(small)`` unpickles code on load, unsafe
-    for files from others; ``torch.export.save`` pickles too):
+    **Saving and loading.** Never pickle it (``torch.save(small)`` and ``torch.export.save``
+    run code from the file on load). Two safe ways:
 
-    >>> from safetensors.torch import save_file, load_file
-    >>> plan.save("cats.plan.json")
-    >>> save_file(small.state_dict(), "cats.trimmed.safetensors")
-    >>> # later, or elsewhere: rebuild the architecture, then load the weights
-    >>> small = velcro.trim(velcro.models.create("resnet18"), velcro.Plan.load("cats.plan.json"),
-    ...                     check=False)
-    >>> small.load_state_dict(load_file("cats.trimmed.safetensors"))
+    - :func:`save_trimmed` / :func:`load_trimmed`: a JSON description of the trimmed graph
+      (allow-listed modules and functions, literal arguments) plus its weights in
+      safetensors; loading needs neither the original model nor the plan and runs no code
+      from the file:
 
-    The rebuild needs only the model's architecture (its weights can be random when
-    ``check=False``): the trimmed layout depends on the plan alone. For deployment without
-    Python code, export it: :func:`velcro.export_onnx`.
+      >>> velcro.save_trimmed(small, "cats.trimmed.json")
+      >>> small = velcro.load_trimmed("cats.trimmed.json")
+
+    - the recipe: the plan plus the original weights rebuild the same architecture
+      (the layout depends on the plan and, where a folded contribution happens to be
+      uniform, on the weights: rebuild from the same weights), into which the trimmed
+      ``state_dict`` loads, e.g. after fine-tuning:
+
+      >>> save_file(small.state_dict(), "cats.trimmed.safetensors")
+      >>> small = velcro.trim(model, velcro.Plan.load("cats.plan.json"))
+      >>> small.load_state_dict(load_file("cats.trimmed.safetensors"))
+
+    For deployment without Python, export it: :func:`velcro.export_onnx`.
 
     Args:
         model: the model the plan was made for (it is not modified).
@@ -149,6 +157,50 @@ def trim(
     return small.eval().to(device)
 
 
+def save_trimmed(model: fx.GraphModule, path: str | os.PathLike) -> Path:
+    """Save a model from :func:`trim` without pickle: ``path`` (JSON) + ``path.safetensors``.
+
+    The JSON lists the graph's nodes (modules by constructor arguments, functions and
+    methods by allow-listed names, literal arguments); the weights go to safetensors. Both
+    files are written atomically.
+
+    Args:
+        model: the ``fx.GraphModule`` that :func:`trim` returned (possibly fine-tuned).
+        path: the JSON file to write; the weights go to ``path`` + ``.safetensors``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        VelcroError: the graph holds an operation with no safe description (an operation
+            of the original model trimming left as it was, outside the allow-list); save the
+            plan and rebuild with :func:`trim` instead.
+
+    Example:
+        >>> velcro.save_trimmed(velcro.trim(model, plan), "cats.trimmed.json")
+    """
+    return _trim_io.save(model, path)
+
+
+def load_trimmed(path: str | os.PathLike) -> fx.GraphModule:
+    """Rebuild a model saved by :func:`save_trimmed`, running no code from the files.
+
+    Args:
+        path: the JSON file :func:`save_trimmed` wrote (its ``.safetensors`` beside it).
+
+    Returns:
+        The trimmed ``fx.GraphModule`` in eval mode, on the CPU.
+
+    Raises:
+        VelcroError: a missing, unreadable or foreign file.
+
+    Example:
+        >>> small = velcro.load_trimmed("cats.trimmed.json")
+        >>> small(images).argmax(1)
+    """
+    return _trim_io.load(path)
+
+
 def _first_layer_input(gm: fx.GraphModule) -> tuple[int, int] | None:
     """(channels, spatial dims) the first conv/linear reached from the input expects."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -207,14 +259,14 @@ def _infer_input_shape(gm: fx.GraphModule, plan: Plan, sites: list) -> tuple[int
     if dims == 0 or spatial_site is None:
         return (channels,)
     target = plan.sites[spatial_site.name].shape
+    # input = factor * site size + offset (strides and unpadded kernels), natural sizes first
     for factor in (1, 2, 4, 8, 16, 32, 64):
-        for delta in range(0, factor):
-            for sign in (1, -1) if delta else (1,):
-                size = tuple(t * factor + sign * delta for t in target[1:])
-                if min(size) < 1 or len(size) != dims:
-                    continue
-                got = _prefix_shape(gm, spatial_site.node, torch.zeros(1, channels, *size))
-                if got == tuple(target):
-                    return (channels, *size)
+        for offset in sorted(range(-factor - 8, factor + 9), key=lambda o: (abs(o), -o)):
+            size = tuple(t * factor + offset for t in target[1:])
+            if min(size) < 1 or len(size) != dims:
+                continue
+            got = _prefix_shape(gm, spatial_site.node, torch.zeros(1, channels, *size))
+            if got == tuple(target):
+                return (channels, *size)
     raise failure
 
