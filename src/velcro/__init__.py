@@ -25,7 +25,7 @@ from velcro.search import SearchResult, search
 from velcro.sites import find_sites, trace
 from velcro.stats import Stats
 from velcro.sweep import sweep
-from velcro.trim import trim
+from velcro.trim import load_trimmed, save_trimmed, trim
 
 __version__ = "0.1.0"
 
@@ -42,8 +42,10 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "find_sites",
+    "load_trimmed",
     "models",
     "plan",
+    "save_trimmed",
     "search",
     "sweep",
     "trace",
