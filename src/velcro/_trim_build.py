@@ -18,57 +18,21 @@ Each tensor of the original graph becomes a *physical* tensor holding some of it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from velcro import _trim_ops as ops
-from velcro._trim_graph import Analysis, ChannelState
+from velcro._trim_graph import PAD, Analysis, ChannelState, Physical, expand, positions
 from velcro._trim_modules import (
     ChannelSelect,
-    ChannelSum,
     Materialize,
     rebuild,
     slice_batchnorm,
     slice_depthwise,
     split_uniform,
 )
-
-# A layout position that holds no channel: padding that keeps channel counts at a multiple
-# of ``channel_multiple`` (its value is meaningless; consumers give it zero weight).
-PAD = -1
-
-
-@dataclass
-class Physical:
-    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``.
-
-    ``layout[i]`` is the channel id stored at position i, or ``PAD``.
-    """
-
-    node: fx.Node | None
-    layout: torch.Tensor
-
-
-def _positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
-    """channel id -> position in ``layout`` (-1 where absent)."""
-    where = torch.full((channels,), -1, dtype=torch.int64)
-    valid = layout >= 0
-    where[layout[valid]] = torch.arange(layout.numel())[valid]
-    return where
-
-
-def _expand(layout: torch.Tensor, multiple: int) -> torch.Tensor:
-    """The layout after each channel becomes ``multiple`` consecutive ones (padding stays)."""
-    expanded = layout[:, None] * multiple + torch.arange(multiple)
-    expanded[layout < 0] = PAD
-    return expanded.flatten()
-
-
-def _select(value: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
-    return value.index_select(axis, index)
+from velcro._trim_sum import emit_sum
 
 
 class Builder:
@@ -129,12 +93,12 @@ class Builder:
         channels = state.channels
         if phys.node is not None and torch.equal(phys.layout, torch.arange(channels)):
             return phys.node
-        where = _positions(phys.layout, channels)
+        where = positions(phys.layout, channels)
         missing = (where < 0).nonzero().flatten()
         assert bool(state.const[missing].all()), f"{node.name}: channels lost"
         order = where.clone()
         order[missing] = phys.layout.numel() + torch.arange(missing.numel())
-        constant = _select(state.value, state.axis, missing)
+        constant = state.value.index_select(state.axis, missing)
         module = Materialize(constant, order, state.axis, computed=phys.node is not None)
         source = phys.node if phys.node is not None else self.batch_source
         result = self._helper("materialize", module, (source,))
@@ -207,7 +171,7 @@ class Builder:
                 partner_layout = self.physical(partner, self.a.states[node].axis).layout
                 partner_layout = partner_layout[partner_layout >= 0]
                 shared = partner_layout[needed[partner_layout]]
-                rest = layout[_positions(partner_layout, needed.numel())[layout] < 0]
+                rest = layout[positions(partner_layout, needed.numel())[layout] < 0]
                 layout = torch.cat([shared, rest])
         count, multiple = layout.numel(), self.channel_multiple
         module = self.gm.get_submodule(node.target)
@@ -247,7 +211,7 @@ class Builder:
                     contribution = module._conv_forward(probe, weight, None)
                 else:
                     contribution = nn.functional.linear(probe, weight)
-            contribution = _select(contribution.double(), state.axis, layout.clamp_min(0))
+            contribution = contribution.double().index_select(state.axis, layout.clamp_min(0))
             contribution[(slice(None),) * state.axis + (layout < 0,)] = 0.0
             uniform, bias_map = split_uniform(contribution, state.axis)
             bias = bias + uniform
@@ -263,7 +227,7 @@ class Builder:
         state = self.a.states[node]
         in_phys = self.physical(source, state.axis)
         multiple = state.channels // self.state(source, state.axis).channels
-        layout = _expand(in_phys.layout, multiple)
+        layout = expand(in_phys.layout, multiple)
         if in_phys.node is None:
             self._record(node, Physical(None, layout))
             return
@@ -289,85 +253,7 @@ class Builder:
         self._record(node, Physical(new, layout))
 
     def _sum(self, node: fx.Node) -> None:
-        a, b, sign = ops.sum_operands(node)
-        state = self.a.states[node]
-        axis = state.axis
-        layout = self.a.needed[node].nonzero().flatten()
-        if layout.numel() == 0:
-            self._record(node, Physical(None, layout))
-            return
-        operands = [(a, 1, self.physical(a, axis), self.state(a, axis)),
-                    (b, sign, self.physical(b, axis), self.state(b, axis))]
-        covering = [op for op in operands if op[2].node is not None and bool(
-            (_positions(op[2].layout, state.channels)[layout] >= 0).all())]
-        covering = [op for op in covering if op[1] > 0]
-        if not covering:
-            full = [self.materialize(n) for n in (a, b)]
-            new = self.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(full))
-            self._record(node, Physical(new, torch.arange(state.channels)))
-            return
-        base = covering[0]
-        other = operands[1] if base is operands[0] else operands[0]
-        base_node = base[2].node
-        if int((base[2].layout >= 0).sum()) == layout.numel():
-            layout = base[2].layout  # the same channels: keep the base's order, no copy
-        else:
-            base_where = _positions(base[2].layout, state.channels)
-            base_node = self._helper("select", ChannelSelect(base_where[layout], axis),
-                                     (base_node,))
-        valid = layout >= 0
-        constant = torch.zeros_like(_select(state.value, axis, layout.clamp_min(0)))
-        other_where = _positions(other[2].layout, state.channels)[layout.clamp_min(0)]
-        absent = (other_where < 0) & valid
-        if bool(absent.any()):
-            assert bool(other[3].const[layout[absent]].all()), f"{node.name}: channels lost"
-            constant = constant + other[1] * other[3].mask(
-                _mask_of(layout[absent], state.channels)).index_select(axis, layout.clamp_min(0))
-            constant[(slice(None),) * axis + (~valid,)] = 0.0
-        inputs = [base_node]
-        sources, targets, signs = [], [], [1]
-        if other[2].node is not None and bool(((other_where >= 0) & valid).any()):
-            present = ((other_where >= 0) & valid).nonzero().flatten()
-            sources.append(other_where[present])
-            targets.append(present)
-            signs.append(other[1])
-            inputs.append(other[2].node)
-        inplace = base_node in self.fresh and (base_node is not base[2].node or len(
-            base[0].users) == 1)
-        if bool(constant.ne(0).any()) and not self._fold_into_producer(
-                base_node, constant, axis, base_node is base[2].node and len(base[0].users) == 1):
-            inputs[0] = self._add_constant(inputs[0], constant, inplace)
-            inplace = True
-        if len(inputs) == 1:
-            self._record(node, Physical(inputs[0], layout))
-            return
-        module = ChannelSum(signs, sources, targets, axis, inplace)
-        self._record(node, Physical(self._helper("sum", module, tuple(inputs)), layout))
-
-    def _fold_into_producer(self, new_node: fx.Node, constant: torch.Tensor, axis: int,
-                            single_use: bool) -> bool:
-        """Add ``constant`` (one image, in the node's layout) to the producer's bias."""
-        if new_node not in self.producers or not single_use:
-            return False
-        target = self.producers[new_node]
-        module = self.modules[target]
-        uniform, remainder = split_uniform(constant.double(), axis)
-        old_map = getattr(module, "bias_map", None)
-        if remainder.numel() and old_map is not None:
-            remainder = remainder + old_map.double()
-        elif old_map is not None:
-            remainder = old_map.double()
-        bias = module.bias.detach().double() + uniform
-        self.modules[target] = rebuild(module, module.weight.detach(), bias, remainder)
-        return True
-
-    def _add_constant(self, node: fx.Node, constant: torch.Tensor, inplace: bool) -> fx.Node:
-        self.counter += 1
-        target = self._register(f"velcro.constant_{self.counter}", constant[0].float().contiguous())
-        add = self.graph.call_function(torch.Tensor.add_ if inplace else torch.add,
-                                       (node, self.graph.get_attr(target)))
-        self.fresh.add(add)
-        return add
+        emit_sum(self, node)
 
     def _cat(self, node: fx.Node) -> None:
         inputs, _ = ops.cat_inputs(node)
@@ -389,7 +275,7 @@ class Builder:
         source = ops.tensor_arg(node)
         in_phys = self.phys[source] if source in self.phys else self.physical(source, 1)
         spatial = self.a.values[source][0, 0].numel()
-        layout = _expand(in_phys.layout, spatial)
+        layout = expand(in_phys.layout, spatial)
         if in_phys.node is None:
             self._record(node, Physical(None, layout))
             return
@@ -401,9 +287,3 @@ class Builder:
         holder = phys.node if phys is not None else self.env[source]
         holder = holder if holder is not None else self.batch_source
         self.env[node] = self.graph.call_method("size", (holder, 0))
-
-
-def _mask_of(channels: torch.Tensor, size: int) -> torch.Tensor:
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[channels] = True
-    return mask

@@ -326,3 +326,33 @@ def _liveness(gm: fx.GraphModule, kinds: dict[fx.Node, str],
                     demand(source, torch.ones_like(needed[source]))
     return needed
 
+
+# A layout position that holds no channel: padding that keeps channel counts at a multiple
+# of ``channel_multiple`` (its value is meaningless; consumers give it zero weight).
+PAD = -1
+
+
+@dataclass
+class Physical:
+    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``.
+
+    ``layout[i]`` is the channel id stored at position i, or ``PAD``.
+    """
+
+    node: fx.Node | None
+    layout: torch.Tensor
+
+
+def positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
+    """channel id -> position in ``layout`` (-1 where absent)."""
+    where = torch.full((channels,), -1, dtype=torch.int64)
+    valid = layout >= 0
+    where[layout[valid]] = torch.arange(layout.numel())[valid]
+    return where
+
+
+def expand(layout: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The layout after each channel becomes ``multiple`` consecutive ones (padding stays)."""
+    expanded = layout[:, None] * multiple + torch.arange(multiple)
+    expanded[layout < 0] = PAD
+    return expanded.flatten()
