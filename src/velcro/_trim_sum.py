@@ -21,24 +21,24 @@ if TYPE_CHECKING:
     from velcro._trim_build import Builder
 
 
-def emit_sum(self: Builder, node: fx.Node) -> None:
+def emit_sum(builder: Builder, node: fx.Node) -> None:
     """``a + b`` / ``a - b``: add what both compute, fold the rest into a bias."""
     a, b, sign = ops.sum_operands(node)
-    state = self.a.states[node]
+    state = builder.a.states[node]
     axis = state.axis
-    layout = self.a.needed[node].nonzero().flatten()
+    layout = builder.a.needed[node].nonzero().flatten()
     if layout.numel() == 0:
-        self._record(node, Physical(None, layout))
+        builder._record(node, Physical(None, layout))
         return
-    operands = [(a, 1, self.physical(a, axis), self.state(a, axis)),
-                (b, sign, self.physical(b, axis), self.state(b, axis))]
+    operands = [(a, 1, builder.physical(a, axis), builder.state(a, axis)),
+                (b, sign, builder.physical(b, axis), builder.state(b, axis))]
     covering = [op for op in operands if op[2].node is not None and bool(
         (positions(op[2].layout, state.channels)[layout] >= 0).all())]
     covering = [op for op in covering if op[1] > 0]
     if not covering:
-        full = [self.materialize(n) for n in (a, b)]
-        new = self.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(full))
-        self._record(node, Physical(new, torch.arange(state.channels)))
+        full = [builder.materialize(n) for n in (a, b)]
+        new = builder.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(full))
+        builder._record(node, Physical(new, torch.arange(state.channels)))
         return
     base = covering[0]
     other = operands[1] if base is operands[0] else operands[0]
@@ -47,8 +47,8 @@ def emit_sum(self: Builder, node: fx.Node) -> None:
         layout = base[2].layout  # the same channels: keep the base's order, no copy
     else:
         base_where = positions(base[2].layout, state.channels)
-        base_node = self._helper("select", ChannelSelect(base_where[layout], axis),
-                                 (base_node,))
+        base_node = builder._helper("select", ChannelSelect(base_where[layout], axis),
+                                    (base_node,))
     valid = layout >= 0
     constant = torch.zeros_like(state.value.index_select(axis, layout.clamp_min(0)))
     other_where = positions(other[2].layout, state.channels)[layout.clamp_min(0)]
@@ -66,25 +66,27 @@ def emit_sum(self: Builder, node: fx.Node) -> None:
         targets.append(present)
         signs.append(other[1])
         inputs.append(other[2].node)
-    inplace = base_node in self.fresh and (base_node is not base[2].node or len(
-        base[0].users) == 1)
-    if bool(constant.ne(0).any()) and not _fold_into_producer(self,
-            base_node, constant, axis, base_node is base[2].node and len(base[0].users) == 1):
-        inputs[0] = _add_constant(self, inputs[0], constant, inplace)
+    # the base may be added into when it is a fresh tensor nobody else reads
+    sole_reader = base_node is not base[2].node or len(base[0].users) == 1
+    inplace = base_node in builder.fresh and sole_reader
+    if bool(constant.ne(0).any()) and not _fold_into_producer(builder, base_node, constant,
+                                                              axis, sole_reader):
+        inputs[0] = _add_constant(builder, inputs[0], constant, inplace)
         inplace = True
     if len(inputs) == 1:
-        self._record(node, Physical(inputs[0], layout))
+        builder._record(node, Physical(inputs[0], layout))
         return
     module = ChannelSum(signs, sources, targets, axis, inplace)
-    self._record(node, Physical(self._helper("sum", module, tuple(inputs)), layout))
+    builder._record(node, Physical(builder._helper("sum", module, tuple(inputs)), layout))
 
-def _fold_into_producer(self: Builder, new_node: fx.Node, constant: torch.Tensor, axis: int,
+
+def _fold_into_producer(builder: Builder, new_node: fx.Node, constant: torch.Tensor, axis: int,
                         single_use: bool) -> bool:
     """Add ``constant`` (one image, in the node's layout) to the producer's bias."""
-    if new_node not in self.producers or not single_use:
+    if new_node not in builder.producers or not single_use:
         return False
-    target = self.producers[new_node]
-    module = self.modules[target]
+    target = builder.producers[new_node]
+    module = builder.modules[target]
     uniform, remainder = split_uniform(constant.double(), axis)
     old_map = getattr(module, "bias_map", None)
     if remainder.numel() and old_map is not None:
@@ -92,15 +94,18 @@ def _fold_into_producer(self: Builder, new_node: fx.Node, constant: torch.Tensor
     elif old_map is not None:
         remainder = old_map.double()
     bias = module.bias.detach().double() + uniform
-    self.modules[target] = rebuild(module, module.weight.detach(), bias, remainder)
+    builder.modules[target] = rebuild(module, module.weight.detach(), bias, remainder)
     return True
 
-def _add_constant(self: Builder, node: fx.Node, constant: torch.Tensor, inplace: bool) -> fx.Node:
-    self.counter += 1
-    target = self._register(f"velcro.constant_{self.counter}", constant[0].float().contiguous())
-    add = self.graph.call_function(torch.Tensor.add_ if inplace else torch.add,
-                                   (node, self.graph.get_attr(target)))
-    self.fresh.add(add)
+
+def _add_constant(builder: Builder, node: fx.Node, constant: torch.Tensor,
+                  inplace: bool) -> fx.Node:
+    builder.counter += 1
+    target = builder._register(f"velcro.constant_{builder.counter}",
+                               constant[0].float().contiguous())
+    add = builder.graph.call_function(torch.Tensor.add_ if inplace else torch.add,
+                                      (node, builder.graph.get_attr(target)))
+    builder.fresh.add(add)
     return add
 
 
