@@ -96,3 +96,17 @@ def test_a_trimmed_models_bias_maps_count_as_elementwise_adds():
             assert row.elementwise == mapped[row.name].bias_map.numel()
             in_channels = mapped[row.name].weight.shape[1]
             assert row.macs == row.elementwise * in_channels * 9
+
+
+def test_a_trimmed_model_reports_its_sites_under_the_original_names():
+    model, shape = build("chain")
+    stats = velcro.calibrate(model, [torch.randn(8, *shape)], progress=False)
+    plan = velcro.plan(stats, [0.25, 0.5, 0.5, 0.3], granularity="channel")
+    small = velcro.trim(model, plan, channel_multiple=1)
+    before = velcro.cost(model, torch.zeros(1, *shape)).sites
+    after = velcro.cost(small, torch.zeros(1, *shape)).sites
+    assert list(after) == list(before)
+    for name, elements in before.items():
+        site = plan.sites[name]
+        live = site.channels - site.units.numel()
+        assert after[name] == elements // site.channels * live

@@ -243,6 +243,12 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VelcroError(f"'{path}' does not describe a model velcro can rebuild ({first}); "
                           "write it again with velcro.save_trimmed") from None
-    module.velcro_sites = dict(document.get("sites", {}))
-    module.velcro_input_shape = tuple(document.get("input_shape", ()))
+    preserve(module, "velcro_sites", dict(document.get("sites", {})))
+    preserve(module, "velcro_input_shape", tuple(document.get("input_shape", ())))
     return module.eval()
+
+
+def preserve(module: fx.GraphModule, name: str, value: object) -> None:
+    """Set an attribute that survives ``copy.deepcopy`` (which rebuilds a GraphModule)."""
+    setattr(module, name, value)
+    module.meta.setdefault("_user_preserved_attributes", {})[name] = value

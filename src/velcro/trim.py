@@ -148,12 +148,12 @@ def trim(
     analysis = _trim_graph.analyse(gm, values, site_plans)
     builder = Builder(gm, analysis, channel_multiple)
     small = builder.build(type(model).__name__)
-    small.velcro_sites = {
+    _trim_io.preserve(small, "velcro_sites", {
         site.name: (builder.sites[nodes[site.node]].name
                     if builder.sites.get(nodes[site.node]) is not None else None)
         for site in sites if nodes[site.node] in builder.sites
-    }
-    small.velcro_input_shape = shape
+    })
+    _trim_io.preserve(small, "velcro_input_shape", shape)
     return small.eval().to(device)
 
 
