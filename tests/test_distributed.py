@@ -37,6 +37,7 @@ import velcro
 from velcro import distributed
 from velcro._shard import Shard, first_images
 from velcro.errors import VelcroError
+from velcro.search import SearchSchedule
 
 RELATIVE = 1e-9
 TORCHRUN_SECONDS = 120
@@ -73,6 +74,26 @@ def scenarios():
         # one batch: rank 1 has no image at all
         "one_batch": (chain, DataLoader(labelled13, batch_size=16), {}),
     }
+
+
+def search_task(stats_path: Path):
+    """A search on 5 batches (8,8,8,8,6): rank 0 runs 3 of them, rank 1 runs 2."""
+    model, shape = build("chain", seed=1)
+    x = torch.randn(38, *shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    labels[::5] = (labels[::5] + 1) % 5  # some wrong, so that accuracy can move both ways
+    batches = [(x[i : i + 8], labels[i : i + 8]) for i in range(0, 38, 8)]
+    return model, velcro.Stats.load(stats_path), batches
+
+
+def run_search(stats_path: Path) -> dict:
+    model, stats, batches = search_task(stats_path)
+    result = velcro.search(model, stats, batches, granularity="channel", tolerance=0.05,
+                           schedule=SearchSchedule(levels=3, refine_rounds=1), progress=False)
+    return {"thresholds": result.thresholds, "evaluations": result.evaluations,
+            "accuracy": result.search_accuracy, "images": result.search_images,
+            "trajectory": [(row["accuracy"], row["loss"]) for row in result.trajectory]}
 
 
 def cli_commands(workspace: Path, out: Path) -> list[list[str]]:
@@ -131,6 +152,7 @@ def worker(out: Path, workspace: Path) -> None:
             results["errors"][case] = None
         except VelcroError as exc:
             results["errors"][case] = str(exc)
+    results["search"] = run_search(workspace / "search.stats.safetensors")
     torch.save(results, out / f"results.rank{rank}.pt")
     run_cli(workspace, out, rank)
 
@@ -230,10 +252,14 @@ def assert_stats_close(merged: velcro.Stats, reference: velcro.Stats) -> None:
 
 def test_two_processes_match_one(tmp_path, monkeypatch):
     workspace = build_workspace(tmp_path / "workspace").root
+    model, shape = build("chain", seed=1)
+    velcro.calibrate(model, images(shape, 24, seed=7), progress=False).save(
+        workspace / "search.stats.safetensors")
     out = tmp_path / "out"
     out.mkdir()
     run_torchrun(out, workspace)
     check_api(out)
+    check_search(out, workspace)
     check_cli(out, workspace, tmp_path, monkeypatch)
 
 
@@ -271,6 +297,17 @@ def check_api(tmp_path: Path) -> None:
     for e in errors:
         assert "other weights" in e["other_weights"]
         assert "ShardSampler" in e["presharded"]
+
+
+def check_search(out: Path, workspace: Path) -> None:
+    """The same search steps and outcomes on both ranks as in one process, bit for bit."""
+    ranks = [torch.load(out / f"results.rank{r}.pt", weights_only=True)["search"]
+             for r in (0, 1)]
+    with one_thread():
+        alone = run_search(workspace / "search.stats.safetensors")
+    assert alone["images"] == 38 and alone["evaluations"] > 5
+    for got in ranks:
+        assert got == alone
 
 
 def check_cli(out: Path, workspace: Path, tmp_path: Path, monkeypatch) -> None:

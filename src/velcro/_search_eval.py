@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from velcro._search_plans import Rankings
 from velcro.apply import ConstantReplace
 from velcro.calibrate import model_device
+from velcro.distributed import process_group
 from velcro.errors import VelcroError
 from velcro.evaluate import _labelled
 from velcro.sites import find_sites, insert_after_sites, site_nodes, trace
@@ -89,12 +91,20 @@ class CandidateEvaluator:
         rankings: the search's :class:`Rankings` (site order and constants).
         data: labelled batches of the search split; held in memory (on the model's device).
         task_classes: restrict the argmax to these classes, if given.
-        cache_mb: memory for cached activations; 0 turns caching off.
+        cache_mb: memory for cached activations; 0 turns caching off (per rank).
+        group: a torch.distributed process group (default: torchrun's, if any). Every rank
+            holds all batches (they must come in the same order on each) but runs only
+            batches ``rank, rank + world, ...``; per-batch results are gathered and summed in
+            batch order, so every rank gets the single-process outcome, bit for bit, and
+            all ranks take the same search steps.
     """
 
     def __init__(self, model: nn.Module, rankings: Rankings, data, *, task_classes=None,
-                 cache_mb: float = 1024.0) -> None:
+                 cache_mb: float = 1024.0, group: dist.ProcessGroup | None = None) -> None:
         self.rankings = rankings
+        self.group = process_group(group)
+        self.rank, self.world = ((0, 1) if self.group is None else
+                                 (dist.get_rank(self.group), dist.get_world_size(self.group)))
         self.device = model_device(model)
         gm = trace(model)
         sites = find_sites(gm)
@@ -225,9 +235,30 @@ class CandidateEvaluator:
             position = self.replacer_positions[reuse_from]
             if position > start.position:
                 cut = _Entry(position, counts[:reuse_from], [], 0)
+        per_batch: list[tuple[int, int, float]] = []  # (batch, correct, cross-entropy sum)
+        try:
+            cut = self._run_batches(start, cut, per_batch)
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+            if self.group is None:
+                raise
+            self._gather(per_batch, exc)
+        if self.group is not None:
+            per_batch = self._gather(per_batch, None)
         correct, loss_sum = 0, 0.0
+        for _, batch_correct, batch_loss in sorted(per_batch):  # batch order: same float sum
+            correct += batch_correct
+            loss_sum += batch_loss
+        if cut is not None:
+            self._store(cut)
+        return Outcome(correct, self.images, loss_sum), self.replacer_site.get(start.position)
+
+    def _run_batches(self, start: _Entry, cut: _Entry | None, per_batch: list) -> _Entry | None:
         end = len(self.nodes)
         for index, (_, labels) in enumerate(self.batches):
+            if index % self.world != self.rank:  # another rank's batch
+                if cut is not None:
+                    cut.envs.append(None)
+                continue
             env = start.envs[index]
             position = start.position
             if cut is not None:
@@ -245,8 +276,18 @@ class CandidateEvaluator:
                 predicted = self.task_classes[logits[:, self.task_classes].argmax(1)]
             else:
                 predicted = logits.argmax(1)
-            correct += int((predicted == labels).sum())
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        if cut is not None:
-            self._store(cut)
-        return Outcome(correct, self.images, loss_sum), self.replacer_site.get(start.position)
+            per_batch.append((index, int((predicted == labels).sum()),
+                              float(F.cross_entropy(logits, labels, reduction="sum"))))
+        return cut
+
+    def _gather(self, per_batch: list, error: Exception | None) -> list:
+        """Every rank's per-batch results (or its error), the same on every rank."""
+        payloads: list = [None] * self.world
+        mine = per_batch if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(payloads, mine, group=self.group)
+        if error is not None:
+            raise error
+        for peer, payload in enumerate(payloads):
+            if isinstance(payload, str):
+                raise VelcroError(f"rank {peer} failed during the search ({payload})")
+        return [row for payload in payloads for row in payload]
