@@ -299,7 +299,8 @@ def write_json(path: str | os.PathLike, document: dict) -> None:
 
 
 def progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "quiet", False)
+    """Show progress bars: unless --quiet, and under torchrun on rank 0 only."""
+    return not getattr(args, "quiet", False) and is_main()
 
 
 def note(message: str) -> None:

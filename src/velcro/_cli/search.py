@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from velcro._cli import common
+from velcro.distributed import is_main
 from velcro.errors import VelcroError
 from velcro.plan import GRANULARITIES
 from velcro.search import OBJECTIVES, SearchSchedule, search, validate
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     validate(result, model, validation_loader,
              search_ids=[path for path, _ in data.split["search"]],
              validation_ids=[path for path, _ in data.split["validation"]], progress=show)
+    if not is_main():  # under torchrun: the ranks shared the evaluations; rank 0 reports
+        return 0
     result.plan.info.update({"stats": str(args.stats), "split": str(args.split)})
     result.plan.save(plan_path)
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from velcro._cli import common
+from velcro.distributed import is_main
 from velcro.errors import VelcroError
 from velcro.plan import GRANULARITIES
 from velcro.search import SearchSchedule
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             schedule=SearchSchedule(levels=args.levels), budget=args.budget,
             progress=common.progress(args)))
         splits[str(task)] = data.split.counts()
+    if not is_main():  # under torchrun: the ranks shared the evaluations; rank 0 reports
+        return 0
     result = Sweep.merge(*sweeps)
     result.info.update({"splits": splits, **common.model_info(args)})
     written = result.save(out)
