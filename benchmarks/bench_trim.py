@@ -15,6 +15,7 @@ original MACs / trimmed MACs (``velcro.cost``, convs + linears, zero padding fil
 its batch-norms folded into the convolutions (``velcro.trim`` with an empty plan), which
 isolates what trimming itself gains in eager mode (onnxruntime folds batch-norms itself).
 
+Each trimmed model is first checked against ``velcro.apply`` (relative difference <= 1e-4).
 Weights are random (kaiming-scaled so that no activation decays to slow denormal floats)
 unless ``--weights-dir`` holds ``<model>.safetensors``; timing does not depend on them.
 
@@ -102,8 +103,15 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
     stats = velcro.calibrate(model, calibration, progress=False)
     one = torch.zeros(1, 3, args.size, args.size)
     original_cost = velcro.cost(model, one)
-    trimmed = {t: velcro.trim(model, velcro.plan(stats, t, granularity="channel"))
-               for t in args.thresholds}
+    plans = {t: velcro.plan(stats, t, granularity="channel") for t in args.thresholds}
+    trimmed = {t: velcro.trim(model, plan) for t, plan in plans.items()}
+    probe = torch.randn(2, 3, args.size, args.size, generator=gen)
+    with torch.inference_mode():  # time the right thing: trimmed = applied
+        for t, small in trimmed.items():
+            expected = velcro.apply(model, plans[t])(probe)
+            error = float((small(probe) - expected).abs().max() / expected.abs().max())
+            if error > 1e-4:
+                raise SystemExit(f"{name} at {t}: trimmed differs from applied by {error:.1e}")
     folded = velcro.trim(model, velcro.plan(stats, 0.0, granularity="channel"))
     mac_speedup = {t: original_cost.macs / velcro.cost(m, one).macs for t, m in trimmed.items()}
     rows = []
