@@ -32,6 +32,7 @@ class Searcher:
         self.baseline = self.measure(self.zeros, "baseline", force=True)
         self.floor = self.baseline.correct - tolerance * evaluator.images - 1e-9
         self.best = self.zeros
+        self.alone_infeasible = [math.inf] * len(self.sites)
         self.started = time.perf_counter()
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -84,67 +85,71 @@ class Searcher:
 
     # -- phase 1 ----------------------------------------------------------------------------
     def profile(self, levels: list[float]) -> list[list[tuple[float, float]]]:
-        """Each site alone at ascending levels, up to its first infeasible one.
+        """Each site alone: bisection over ``levels`` for the highest level feasible alone
+        (about log2(levels) evaluations per site, each from the cached activations at the
+        site).
 
-        Returns per site the feasible points ``(fraction, mean loss)``, starting at (0, base).
+        Returns per site the feasible points met ``(fraction, mean loss)``, ascending,
+        starting at (0, baseline loss).
         """
         curves = []
+        self.alone_infeasible = [math.inf] * len(self.sites)
         for k, site in enumerate(self.sites):
             curve = [(0.0, self.baseline.loss)]
             curves.append(curve)
             if self.weights[k] <= 0:
                 continue
-            previous = 0
-            for level in levels:
-                count = site.count(level)
-                if count == previous:
-                    continue
-                previous = count
+            counts_at = sorted({site.count(level) for level in levels} - {0})
+            low, high = -1, len(counts_at)  # counts_at[low] feasible (or none), [high] not
+            while high - low > 1:
+                middle = (low + high + 1) // 2
                 counts = list(self.zeros)
-                counts[k] = count
+                counts[k] = counts_at[middle]
                 outcome = self.measure(counts, "profile", reuse_from=k)
-                if outcome is None or not self.feasible(outcome):
+                if outcome is None:
                     break
-                curve.append((count / site.units, outcome.loss))
+                if self.feasible(outcome):
+                    curve.append((counts_at[middle] / site.units, outcome.loss))
+                    low = middle
+                else:
+                    high = middle
+                    self.alone_infeasible[k] = counts_at[middle] / site.units
+            curve.sort()
         return curves
 
-    # -- phase 2 ----------------------------------------------------------------------------
-    def greedy_path(self, curves) -> list[tuple[int, ...]]:
-        """Candidates of growing objective: each step takes the profile step with the most
-        objective gained per unit of added loss (loss-free steps first), assuming the sites'
-        loss increases add up. No evaluation is spent here."""
-        position = [0] * len(self.sites)
-        path = [self.zeros]
-        while True:
-            best_key, best_move = None, None
-            for k, curve in enumerate(curves):
-                here_t, here_loss = curve[position[k]]
-                for j in range(position[k] + 1, len(curve)):
-                    gain = self.weights[k] * (curve[j][0] - here_t)
-                    added = curve[j][1] - here_loss
-                    if gain <= 0:
-                        continue
-                    key = (1, gain) if added <= 0 else (0, gain / added)
-                    if best_key is None or key > best_key:
-                        best_key, best_move = key, (k, j)
-            if best_move is None:
-                return path
-            k, j = best_move
-            position[k] = j
-            counts = [s.count(curves[i][position[i]][0]) for i, s in enumerate(self.sites)]
-            path.append(tuple(counts))
+    def no_profile(self) -> list[list[tuple[float, float]]]:
+        """Curves that cap no site (the profile skipped)."""
+        self.alone_infeasible = [math.inf] * len(self.sites)
+        return [[(0.0, self.baseline.loss), (1.0, self.baseline.loss)] for _ in self.sites]
 
-    def bisect_path(self, path) -> None:
+    # -- phase 2 ----------------------------------------------------------------------------
+    def capped_uniform_path(self, curves, levels: int) -> list[tuple[int, ...]]:
+        """T_k = min(lambda, cap_k) for growing lambda, where cap_k is the highest fraction
+        site k was feasible at alone: uniform thresholds that spare the sensitive sites."""
+        caps = [curve[-1][0] for curve in curves]
+        lambdas = sorted({i / levels for i in range(1, levels + 1)} | set(caps) - {0.0})
+        return self._path([[min(lam, cap) for cap in caps] for lam in lambdas])
+
+    def _path(self, candidates) -> list[tuple[int, ...]]:
+        """Unit counts of per-site fractions, in order, duplicates dropped, from zero."""
+        path = [self.zeros]
+        for fractions in candidates:
+            counts = self.rankings.counts(fractions)
+            if counts != path[-1]:
+                path.append(counts)
+        return path
+
+    def bisect_path(self, path, phase: str) -> None:
         """The last feasible candidate of the path, by bisection (the whole path first)."""
         if len(path) < 2:
             return
-        outcome = self.measure(path[-1], "path")
+        outcome = self.measure(path[-1], phase)
         if outcome is None or self.feasible(outcome):
             return
         low, high = 0, len(path) - 1  # low feasible, high not
         while high - low > 1:
             middle = (low + high) // 2
-            outcome = self.measure(path[middle], "path")
+            outcome = self.measure(path[middle], phase)
             if outcome is None:
                 return
             if self.feasible(outcome):
@@ -175,7 +180,8 @@ class Searcher:
         (graph order, so each run starts from the cached activations at that site), keep
         the rise when still feasible; halve the step after each round."""
         state = list(self.best)
-        failed = [math.inf] * len(self.sites)  # a fraction found infeasible (from a lower state)
+        # fractions found infeasible from a lower state, or alone: not worth trying again
+        failed = list(self.alone_infeasible)
         for _ in range(rounds):
             for k, site in enumerate(self.sites):
                 if self.weights[k] <= 0:
@@ -194,3 +200,4 @@ class Searcher:
                 else:
                     failed[k] = count / site.units
             step /= 2
+

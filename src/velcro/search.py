@@ -9,22 +9,28 @@ of chosen units per site, and one met twice is evaluated once):
 
 1. **Baseline**: the uncompressed model; a candidate is *feasible* when its search accuracy
    is at least the baseline's minus ``tolerance``.
-2. **Profile**: each site alone, at ``levels`` evenly spaced fractions, ascending, until the
-   first infeasible one. Each run starts from cached activations at that site (only the
-   layers after it are computed), so a profile costs little more than one forward pass per
-   level. Besides top-1, the mean cross-entropy is recorded: unlike top-1 it is not quantised
-   by the number of images, so it ranks sites even where top-1 does not move.
-3. **Allocation**: a greedy path through the profiles (no evaluation): each step raises the
-   site that buys the most objective (its share of activations, or of MACs) per unit of added
-   loss, assuming losses add up across sites; then bisection on the path for the last feasible
-   candidate (about log2 of the path's length in evaluations).
+2. **Profile** (``schedule.profile``): each site alone, bisecting over ``levels`` evenly
+   spaced fractions for the highest one feasible alone, its *cap* (about log2(levels)
+   evaluations per site). Each run starts from cached activations at that site, so only
+   the layers after it are computed. The mean cross-entropy is recorded beside top-1.
+3. **Capped uniform**: T_k = min(lambda, cap_k), bisection on lambda: uniform thresholds
+   that spare the sites that cannot take them alone (about log2(levels) evaluations).
 4. **Uniform check**: uniform thresholds on ``uniform_levels`` above the best objective found,
    ascending, until ``uniform_patience`` consecutive infeasible ones: where accuracy falls
    with the threshold, the result is never worse than the best feasible uniform threshold
    (``uniform_patience=None`` tries every level above, which makes that hold always).
 5. **Refinement**: coordinate ascent from the best candidate, site by site in graph order
-   (each run starts at the changed site's cached activations), with the step halved each
-   round.
+   (each run starts at the changed site's cached activations), raising one site by a step
+   and keeping the rise when still feasible; the step starts at 1/levels and halves each
+   round; fractions found infeasible (alone, or from a lower state) are not tried again.
+
+What we measured (benchmarks/bench_search.py): joint feasibility is poorly predicted by
+the sites' separate effects (compression on several sites hurts more than the sum of its
+parts), so allocations computed from the profile alone (greedy by loss per saving, equal
+loss per site) lost to plain uniform thresholds; the evaluated coordinate ascent is what
+gains over them. The profile pays where some sites are sensitive (it keeps them out of the
+uniform and the ascent); on a model with none, ``SearchSchedule(profile=False)`` halves the
+evaluations for the same result.
 
 Example:
     >>> result = velcro.search(model, stats, search_loader, granularity="element")
@@ -74,16 +80,20 @@ class SearchSchedule:
         uniform_patience: stop the uniform check after this many consecutive infeasible
             levels (None: try every level above the best found).
         refine_rounds: coordinate-ascent rounds; the step starts at 1/levels, halved each.
+        profile: profile each site alone first (its cap keeps it out of the uniform
+            thresholds and of the ascent beyond what it can take).
     """
 
     levels: int = 8
     uniform_levels: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 21))
     uniform_patience: int | None = 3
     refine_rounds: int = 3
+    profile: bool = True
 
     def to_dict(self) -> dict:
         return {"levels": self.levels, "uniform_levels": list(self.uniform_levels),
-                "uniform_patience": self.uniform_patience, "refine_rounds": self.refine_rounds}
+                "uniform_patience": self.uniform_patience, "refine_rounds": self.refine_rounds,
+                "profile": self.profile}
 
 
 @dataclass
@@ -197,7 +207,7 @@ def search(
         objective: ``saving_ratio`` (the papers' C) or ``macs`` (MACs of the producing
             convolutions of the replaced activations, as a fraction of the model's).
         budget: the most candidate evaluations to spend (None: the schedule's own length,
-            at most about sites * (levels + refine_rounds) + 30).
+            at most about sites * (log2(levels) + 1 + refine_rounds) + 30).
         score: how units are ranked: ``variance``, ``relative`` or a hook
             ``score(site_name, site_stats) -> per-channel scores`` (lowest replaced first),
             e.g. :func:`filter_norm_score` or :func:`random_score` for baselines.
@@ -238,13 +248,14 @@ def search(
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
         memo = reuse.memo
     sites = len(rankings.sites)
-    expected = budget or sites * (levels + schedule.refine_rounds) + 30
+    expected = budget or sites * (math.ceil(math.log2(levels + 1)) + schedule.refine_rounds) + 30
     bar = tqdm(total=expected, unit="eval", desc="search", disable=not progress,
                file=sys.stderr, leave=False)
     with bar:
         searcher = Searcher(evaluator, rankings, weights, tolerance, budget, memo, bar)
-        curves = searcher.profile([i / levels for i in range(1, levels + 1)])
-        searcher.bisect_path(searcher.greedy_path(curves))
+        curves = (searcher.profile([i / levels for i in range(1, levels + 1)])
+                  if schedule.profile else searcher.no_profile())
+        searcher.bisect_path(searcher.capped_uniform_path(curves, levels), "capped-uniform")
         searcher.uniform(list(schedule.uniform_levels), schedule.uniform_patience)
         searcher.refine(1.0 / levels, schedule.refine_rounds)
     best = searcher.best
