@@ -241,3 +241,26 @@ def test_saving_refuses_what_it_cannot_describe_and_loading_refuses_strangers(tm
                                                       '"os.system"'))
     with pytest.raises(VelcroError, match="does not describe a model"):
         velcro.load_trimmed(tmp_path / "chain.json")
+
+
+class WidthwiseLinear(nn.Module):
+    """A linear layer over a feature map's width, after a site on its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.across = nn.Linear(5, 5)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.across(F.relu(self.conv(x)))))
+
+
+def test_a_layer_contracting_another_axis_gets_the_full_tensor():
+    model = WidthwiseLinear().eval()
+    stats = velcro.calibrate(model, images((3, 5, 5), 16), progress=False)
+    x = images((3, 5, 5), 4, seed=2)[0]
+    for thresholds in (0.5, [0.5, 0.4]):
+        plan = velcro.plan(stats, thresholds, granularity="channel")
+        trimmed = velcro.trim(model, plan, channel_multiple=1)
+        assert_same_outputs(velcro.apply(model, plan), trimmed, x)

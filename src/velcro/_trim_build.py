@@ -189,8 +189,16 @@ class Builder:
             return
         source = ops.tensor_arg(node)
         in_axis = 1 if isinstance(module, ops.CONV_MODULES) else self.a.values[source].dim() - 1
-        in_state = self.state(source, in_axis)
-        in_phys = self.physical(source, in_axis)
+        if source in self.a.states and self.a.states[source].axis != in_axis:
+            # it contracts another axis than the channels trimming follows (a linear layer
+            # over a feature map's width): it gets the full tensor
+            full = self.a.values[source].shape[in_axis]
+            in_state = ChannelState(in_axis, torch.zeros(full, dtype=torch.bool),
+                                    torch.zeros_like(self.a.values[source]))
+            in_phys = Physical(self.materialize(source), torch.arange(full))
+        else:
+            in_state = self.state(source, in_axis)
+            in_phys = self.physical(source, in_axis)
         assert in_phys.node is not None, f"{node.name} has no computed input"
         in_layout = in_phys.layout
         folded = in_state.const.clone()
