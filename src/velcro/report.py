@@ -263,7 +263,7 @@ def _sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict
     if search is not None:
         phases = search.get("settings", {}).get("evaluations_per_phase", {})
         rows = [["objective", f"{search['objective']} = {search['objective_value']:.4f}"],
-                ["tolerance", points(search["tolerance"])],
+                ["tolerance", f"{100 * search['tolerance']:.2f} pp of top-1"],
                 ["search images", count(search.get("search_images"))],
                 ["evaluations", count(search["evaluations"])],
                 ["per phase", ", ".join(f"{k} {v}" for k, v in phases.items()) or "–"],
