@@ -264,3 +264,25 @@ def test_a_layer_contracting_another_axis_gets_the_full_tensor():
         plan = velcro.plan(stats, thresholds, granularity="channel")
         trimmed = velcro.trim(model, plan, channel_multiple=1)
         assert_same_outputs(velcro.apply(model, plan), trimmed, x)
+
+
+class PoolAcrossFeatures(nn.Module):
+    """Tokens through a linear layer, then pooling over its features (its channel axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (batch, tokens, 6)
+        return self.head(F.max_pool1d(F.relu(self.fc(x)), 2))
+
+
+def test_spatial_operations_over_the_channel_axis_get_the_full_tensor():
+    model = PoolAcrossFeatures().eval()
+    stats = velcro.calibrate(model, images((4, 6), 16), progress=False)
+    x = images((4, 6), 4, seed=2)[0]
+    plan = velcro.plan(stats, 0.5, granularity="channel")
+    assert plan.sites["relu"].channel_axis == -1
+    trimmed = velcro.trim(model, plan, input_shape=(4, 6), channel_multiple=1)
+    assert_same_outputs(velcro.apply(model, plan), trimmed, x)

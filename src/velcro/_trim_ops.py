@@ -28,23 +28,31 @@ import torch.nn.functional as F
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-# Modules without per-channel parameters whose output channel c depends only on input c.
-CHANNELWISE_MODULES = (
+# Modules without per-channel parameters whose output channel c depends only on input c:
+# elementwise ones on any channel axis, spatial ones (pooling, resizing) when the channels
+# come before the spatial axes.
+ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
     nn.LeakyReLU, nn.ELU, nn.Hardtanh, nn.Mish, nn.Softplus,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+)
+SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Upsample,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
 )
-CHANNELWISE_FUNCTIONS = {
+CHANNELWISE_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES
+ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish,
     F.hardsigmoid, torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.hardtanh, F.mish,
-    F.softplus, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.interpolate,
+    F.softplus, F.dropout,
 }
+SPATIAL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+}
+CHANNELWISE_FUNCTIONS = ELEMENTWISE_FUNCTIONS | SPATIAL_FUNCTIONS
 CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
 REDUCE_METHODS = {"mean", "amax", "sum"}
 SUM_FUNCTIONS = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1,
@@ -167,9 +175,9 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
             return "producer"
         if channel_axis is None:
             return "opaque"
-        if is_depthwise(module) or isinstance(module, BATCHNORM_MODULES + CHANNELWISE_MODULES):
-            return "channelwise" if channel_axis == 1 or not isinstance(
-                module, CONV_MODULES + BATCHNORM_MODULES) else "opaque"
+        if isinstance(module, ELEMENTWISE_MODULES) or channel_axis == 1 and (
+                is_depthwise(module) or isinstance(module, BATCHNORM_MODULES + SPATIAL_MODULES)):
+            return "channelwise"
         if _flatten_start(node, gm) == channel_axis == 1:
             return "flatten"
         return "opaque"
@@ -185,8 +193,9 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
         return "cat"
     if _flatten_start(node, gm) is not None:
         return "flatten" if _flatten_start(node, gm) == channel_axis == 1 else "opaque"
-    if node.op == "call_function" and _hashable(node.target) and (
-            node.target in CHANNELWISE_FUNCTIONS) and _only_first_is_node(node):
+    if node.op == "call_function" and _hashable(node.target) and _only_first_is_node(node) and (
+            node.target in ELEMENTWISE_FUNCTIONS
+            or node.target in SPATIAL_FUNCTIONS and channel_axis == 1):
         return "channelwise"
     if node.op == "call_method" and node.target in CHANNELWISE_METHODS and _only_first_is_node(
             node):
