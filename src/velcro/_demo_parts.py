@@ -1,0 +1,80 @@
+"""Pieces of the digits demo: data loaders, latency timing, the results table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def loader(dataset: TensorDataset, batch_size: int = 256) -> DataLoader:
+    """In-order batches (no shuffling: evaluations must pair image by image)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def subset(dataset: TensorDataset, indices: torch.Tensor) -> TensorDataset:
+    return TensorDataset(*(t[indices] for t in dataset.tensors))
+
+
+@torch.no_grad()
+def latency_ms(models: Mapping[str, nn.Module], batch: torch.Tensor, *,
+               repeats: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one forward pass per model, runs interleaved model by model.
+
+    Interleaving spreads any slowdown of a loaded machine over all models alike.
+    """
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(batch)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(batch)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _percent(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The demo's results as an aligned plain-text table, one row per model variant.
+
+    Each row has ``model``, ``saving_ratio``, ``macs_saved``, ``parameters_saved``,
+    ``latency_ms``, ``search_accuracy``, ``accuracy`` and ``ci95`` (None where it does
+    not apply).
+    """
+    header = ["model", "C", "MACs saved", "params saved", "latency ms",
+              "search acc", "test accuracy (95% CI)"]
+    lines = []
+    for row in rows:
+        ci = row.get("ci95")
+        accuracy = _percent(row.get("accuracy"))
+        if ci is not None:
+            accuracy += f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+        latency = row.get("latency_ms")
+        lines.append([
+            row["model"],
+            _percent(row.get("saving_ratio")),
+            _percent(row.get("macs_saved")),
+            _percent(row.get("parameters_saved")),
+            "-" if latency is None else f"{latency:.2f}",
+            _percent(row.get("search_accuracy")),
+            accuracy,
+        ])
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([render(header), rule, *(render(r) for r in lines)])
