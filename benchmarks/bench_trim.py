@@ -40,6 +40,7 @@ import torch.nn as nn
 import velcro
 
 MODELS = ("resnet18", "mobilenet_v2", "googlenet")
+SIZES: list[dict] = []  # per model and threshold: what the trimmed model computes
 BACKENDS = ("eager", "eager-cl", "onnxruntime")
 
 
@@ -113,7 +114,12 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> list[dict]
             if error > 1e-4:
                 raise SystemExit(f"{name} at {t}: trimmed differs from applied by {error:.1e}")
     folded = velcro.trim(model, velcro.plan(stats, 0.0, granularity="channel"))
-    mac_speedup = {t: original_cost.macs / velcro.cost(m, one).macs for t, m in trimmed.items()}
+    costs = {t: velcro.cost(m, one) for t, m in trimmed.items()}
+    mac_speedup = {t: original_cost.macs / c.macs for t, c in costs.items()}
+    for t, c in costs.items():
+        SIZES.append({"model": name, "threshold": t, "saving_ratio": plans[t].saving_ratio,
+                      "gmacs": (original_cost.macs / 1e9, c.macs / 1e9),
+                      "mparams": (original_cost.parameters / 1e6, c.parameters / 1e6)})
     rows = []
     for batch in args.batches:
         example = torch.randn(batch, 3, args.size, args.size, generator=gen)
@@ -156,6 +162,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sizes_markdown() -> str:
+    lines = ["| model | threshold | saving ratio C | GMACs original -> trimmed "
+             "| M parameters original -> trimmed |", "|---|---:|---:|---:|---:|"]
+    for r in SIZES:
+        lines.append(f"| {r['model']} | {r['threshold']:.1f} | {r['saving_ratio']:.3f} "
+                     f"| {r['gmacs'][0]:.3f} -> {r['gmacs'][1]:.3f} "
+                     f"| {r['mparams'][0]:.2f} -> {r['mparams'][1]:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -178,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"median of interleaved runs ({time.perf_counter() - start:.0f} s in all)\n")
     print(markdown(rows))
+    print()
+    print(sizes_markdown())
     return 0
 
 
