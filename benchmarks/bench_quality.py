@@ -240,7 +240,7 @@ def plot(rows: list[dict], methods: list[str], tasks: list[str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(2.2 + 1.6 * len(tasks), 4.2), dpi=120)
+    figure, axis = plt.subplots(figsize=(max(6.0, 2.0 + 2.4 * len(tasks)), 5.6), dpi=120)
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         means, sds = [], []
@@ -250,12 +250,16 @@ def plot(rows: list[dict], methods: list[str], tasks: list[str], path: Path) -> 
             means.append(100 * statistics.mean(values) if values else 0.0)
             sds.append(100 * statistics.stdev(values) if len(values) > 1 else 0.0)
         positions = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
-        axis.bar(positions, means, width, yerr=sds, capsize=2, label=METHODS[method],
+        label = METHODS[method]
+        if method == "velcro-element":
+            label = "velcro elements (VELCRO): MACs of hardware that skips outputs"
+        axis.bar(positions, means, width, yerr=sds, capsize=2, label=label,
                  hatch="//" if method == "velcro-element" else None)
     axis.set_xticks(range(len(tasks)), [f"digits {t}" for t in tasks])
     axis.set_ylabel("MACs saved at no held-out top-1 loss (%)")
-    axis.set_title("ResNet-18 on digits, no fine-tuning (mean ± sd over seeds)")
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axis.set_title("ResNet-18 on digits, no fine-tuning (mean ± sd over seeds)", fontsize=10)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2,
+                frameon=False)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
