@@ -1,6 +1,5 @@
 """The `velcro` command end to end on a generated image task, in process."""
 
-import importlib
 import json
 import math
 
@@ -8,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from cli_workspace import CLASSES, DATA_OPTIONS, PER_CLASS, build, preprocess
-from safetensors.torch import load_file
 
 import velcro
 from velcro.cli import main
@@ -115,6 +113,19 @@ def test_calibrate_compress_evaluate_end_to_end(ws, cli, tmp_path):
     per_class = evaluated["original"]["per_class"]
     assert sum(row["images"] for row in per_class.values()) == len(validation)
 
+    # export the compressed model; onnxruntime computes what the applied model computes
+    onnx_path = tmp_path / "task.onnx"
+    code, out, err = cli("export", *TINY, *weights, "--plan", plan_path, "-o", onnx_path,
+                         "--input-shape", "3,16,16", "--json", "--device", "cpu")
+    assert code == 0, err
+    exported = json.loads(out)
+    assert exported["plan"] == str(plan_path) and exported["trimmed"] is False
+    assert exported["bytes"] == onnx_path.stat().st_size
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = velcro.apply(model, plan)(x).numpy()
+    np.testing.assert_allclose(onnx_outputs(onnx_path, x), expected, rtol=1e-4, atol=1e-5)
+
 
 def test_thresholds_as_a_list_in_site_order_or_a_json_file(ws, cli, tmp_path):
     stats_path = tmp_path / "s.safetensors"
@@ -137,9 +148,16 @@ def test_thresholds_as_a_list_in_site_order_or_a_json_file(ws, cli, tmp_path):
     assert json.loads(out)["sites"][1]["threshold"] == pytest.approx(0.25)
 
 
-def test_trim_writes_a_smaller_model_that_evaluates_like_apply(ws, cli, tmp_path):
+def onnx_outputs(path, x):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_trim_writes_a_smaller_model_that_evaluates_and_exports_like_apply(ws, cli, tmp_path):
     stats_path, plan_path = tmp_path / "s.safetensors", tmp_path / "p.json"
-    trimmed_path = tmp_path / "trimmed.safetensors"
+    trimmed_path, onnx_path = tmp_path / "trimmed.json", tmp_path / "trimmed.onnx"
     assert cli("calibrate", ws.data, *TINY, "--weights", ws.weights, "-o", stats_path,
                *DATA_OPTIONS)[0] == 0
     code, out, err = cli("compress", "--stats", stats_path, "--thresholds", "0.5",
@@ -148,26 +166,42 @@ def test_trim_writes_a_smaller_model_that_evaluates_like_apply(ws, cli, tmp_path
     assert code == 0, err
     summary = json.loads(out)
     model, plan = ws.model(), Plan.load(plan_path)
-    trimmed = velcro.trim(model, plan)
+    applied = velcro.apply(model, plan)
+    # the saved file rebuilds, without pickle, a smaller model computing what apply computes
+    trimmed = velcro.load_trimmed(trimmed_path)
+    assert summary["trimmed"] == str(trimmed_path)
     assert summary["parameters"]["trimmed"] == sum(p.numel() for p in trimmed.parameters())
     assert summary["parameters"]["trimmed"] < summary["parameters"]["original"]
-    # the saved weights, loaded into the architecture rebuilt from the plan alone (random
-    # weights, as trim's documentation prescribes), compute what apply computes
-    rebuilt = velcro.trim(importlib.import_module("clitiny").factory(), plan, check=False)
-    rebuilt.load_state_dict(load_file(str(trimmed_path)))
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(x), velcro.apply(model, plan)(x),
-                                   rtol=1e-4, atol=1e-5)
+        expected = applied(x)
+        torch.testing.assert_close(trimmed(x), expected, rtol=1e-4, atol=1e-5)
 
-    code, out, err = cli("evaluate", ws.data, *TINY, "--weights", ws.weights, "--plan",
-                         plan_path, "--trim", "--json", *DATA_OPTIONS)
+    everything = loader(ws, ImageFolder(ws.data).samples)
+    reference = velcro.evaluate(applied, everything, task_classes=[0, 1, 2], progress=False)
+    for options in (["--model", trimmed_path],
+                    [*TINY, "--weights", ws.weights, "--plan", plan_path, "--trim"]):
+        code, out, err = cli("evaluate", ws.data, *options, "--json", *DATA_OPTIONS)
+        assert code == 0, err
+        evaluated = json.loads(out)
+        key = "compressed" if "--plan" in options else "original"
+        assert evaluated["images"] == CLASSES * PER_CLASS
+        assert evaluated[key]["correct"] == reference.correct
+
+    code, out, err = cli("export", "--model", trimmed_path, "-o", onnx_path, "--input-shape",
+                         "3,16,16", "--json", "--device", "cpu")
     assert code == 0, err
-    evaluated = json.loads(out)
-    assert evaluated["images"] == CLASSES * PER_CLASS
-    assert evaluated["compressed"]["correct"] == velcro.evaluate(
-        velcro.apply(model, plan), loader(ws, ImageFolder(ws.data).samples),
-        task_classes=[0, 1, 2], progress=False).correct
+    exported = json.loads(out)
+    assert exported["onnx"] == str(onnx_path) and exported["input_shape"] == [1, 3, 16, 16]
+    assert exported["onnxruntime_max_abs_difference"] < 1e-4
+    np.testing.assert_allclose(onnx_outputs(onnx_path, x), expected.numpy(), rtol=1e-4,
+                               atol=1e-5)
+
+    code, out, err = cli("inspect", trimmed_path, "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["kind"] == "trimmed"
+    assert shown["parameters"] == summary["parameters"]["trimmed"]
 
 
 def test_inspect_stats_plan_split_weights_and_models(ws, cli, tmp_path):

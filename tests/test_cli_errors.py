@@ -217,6 +217,12 @@ def test_thresholds_file_naming_an_unknown_site(cli, out, stats, tmp_path):
                  out / "result", names=["--thresholds", mapping, "layer9.relu"], untouched=out)
 
 
+def test_trim_output_that_is_not_json(ws, cli, out, stats):
+    assert_fails(cli, "compress", "--stats", stats, "--thresholds", "0.2", "--granularity",
+                 "channel", "-o", out / "result", *TINY, "--weights", ws.weights, "--trim",
+                 out / "small.pt", names=["--trim", "small.pt", ".json"], untouched=out)
+
+
 def test_a_plan_file_that_is_not_a_plan(ws, cli, out, stats):
     assert_fails(cli, "evaluate", ws.data, *TINY, "--weights", ws.weights, "--plan", stats,
                  *DATA_OPTIONS, "-o", out / "result", names=[stats, "not a velcro plan"],

@@ -32,8 +32,9 @@ from velcro.data.folder import LABEL_MODES
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
 
-MODEL_HELP = ("a registered model (resnet18, mobilenet_v2, googlenet, ...) or your own as "
-              "MODULE:FACTORY or path/to/file.py:FACTORY (called with no arguments)")
+MODEL_HELP = ("a registered model (resnet18, mobilenet_v2, googlenet, ...), your own as "
+              "MODULE:FACTORY or path/to/file.py:FACTORY (called with no arguments), or a "
+              "trimmed model FILE.json written by `velcro compress --trim`")
 
 
 # ---- options ---------------------------------------------------------------------------
@@ -179,7 +180,12 @@ def load_model(args: argparse.Namespace, device: torch.device | None = None) -> 
     from velcro import models
 
     spec = args.model
-    if ":" in spec and not os.path.exists(spec):
+    if spec.endswith(".json"):  # a model saved by `velcro compress --trim`
+        if args.weights:
+            raise VelcroError(f"--model {spec} is a trimmed model with its weights beside it; "
+                              "leave out --weights")
+        model = velcro_api("load_trimmed")(spec)
+    elif ":" in spec and not os.path.exists(spec):
         model = _from_factory(spec)
         if args.weights:
             models.load_weights(model, args.weights)
@@ -317,8 +323,9 @@ def emit(args: argparse.Namespace, summary: dict, lines: list[str]) -> None:
     if args.json:
         print(json.dumps(summary, indent=1))
         return
-    if getattr(args, "model", None) and ":" not in args.model and not args.weights:
-        lines = [*lines, f"note: {args.model} has random weights (no --weights given)"]
+    model = getattr(args, "model", None)
+    if model and ":" not in model and not model.endswith(".json") and not args.weights:
+        lines = [*lines, f"note: {model} has random weights (no --weights given)"]
     print("\n".join(lines))
 
 

@@ -7,22 +7,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import velcro
 from velcro._cli import common
-from velcro._io import atomic_path
 from velcro.apply import check_plan_fits
 from velcro.errors import VelcroError
 from velcro.plan import CONSTANTS, GRANULARITIES, SCORES, Plan, resolve_thresholds
 from velcro.stats import Stats
 
-TRIMMED_FORMAT = "velcro.trimmed/1"
-
 DESCRIPTION = """\
 Choose, per activation site, the given fraction of units with the lowest variance and
 replace them by their means (VELCRO: --granularity element; S-VELCRO: channel). Writes the
-plan (readable JSON + tensors); with --trim also a trimmed model's weights.
+plan (readable JSON + tensors); with --trim also the trimmed model (filters removed).
 
 thresholds: one fraction for every site (0.3), one per site in site order (0.1,0.2,...),
 or a JSON file mapping site name -> fraction (sites left out keep 0).
@@ -31,7 +27,7 @@ examples:
   velcro compress --stats cats.stats.safetensors --thresholds 0.3 -o cats.plan.json
   velcro compress --stats cats.stats.safetensors --thresholds 0.3 --granularity channel \\
       --model resnet18 --weights resnet18-f37072fd.pth -o cats.plan.json \\
-      --trim cats.trimmed.safetensors
+      --trim cats.trimmed.json
 """
 
 
@@ -51,9 +47,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--constant", default="map", choices=CONSTANTS,
                         help="channel constant: the mean map or one scalar per channel")
     parser.add_argument("-o", "--output", metavar="PLAN", help="plan file to write (.json)")
-    parser.add_argument("--trim", metavar="FILE",
-                        help="also write the trimmed model's weights (.safetensors; channel "
-                             "plans; needs --model)")
+    parser.add_argument("--trim", metavar="FILE.json",
+                        help="also write the trimmed model (JSON + .safetensors beside it, "
+                             "loaded without pickle by velcro.load_trimmed or --model "
+                             "FILE.json; channel plans; needs --model)")
     common.add_model_options(parser, required=False)
     common.add_runtime_options(parser, data=False)
     parser.set_defaults(run=run)
@@ -96,15 +93,6 @@ def parse_thresholds(text: str, names: list[str]) -> dict[str, float]:
         raise VelcroError(f"--thresholds {source}: {exc}") from None
 
 
-def save_trimmed(model: torch.nn.Module, path: Path, plan: Plan, plan_file: str | None) -> None:
-    """The trimmed model's state dict as safetensors, tied to its plan by metadata."""
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"format": TRIMMED_FORMAT, "plan": plan_file, "structure": plan.structure,
-            "weights": plan.weights, "saving_ratio": plan.saving_ratio}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"velcro": json.dumps(meta)})
-
-
 def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -120,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         raise VelcroError("--trim needs the model: give --model (and --weights)")
     plan_path = common.check_output(args.output, "--output") if args.output else None
     trim_path = common.check_output(args.trim, "--trim") if args.trim else None
+    if trim_path is not None and trim_path.suffix.lower() != ".json":
+        raise VelcroError(f"--trim {trim_path}: name a .json file (the trimmed model's "
+                          "weights go beside it as .json.safetensors)")
     if plan_path and trim_path and plan_path.resolve() == trim_path.resolve():
         raise VelcroError("--trim and --output name the same file; give two names")
 
@@ -143,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     trimmed = None
     if trim_path is not None:
         trimmed = common.velcro_api("trim")(model, plan)
+    if trimmed is not None:  # first: it refuses graphs it cannot describe safely
+        common.velcro_api("save_trimmed")(trimmed, trim_path)
     if plan_path is not None:
         plan.save(plan_path)
-    if trimmed is not None:
-        save_trimmed(trimmed, trim_path, plan, str(plan_path or args.plan))
 
     summary = {
         "command": "compress", "plan": str(plan_path or args.plan),
@@ -161,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         before, after = _parameters(model), _parameters(trimmed)
         summary.update({"trimmed": str(trim_path),
                         "parameters": {"original": before, "trimmed": after}})
-        lines.append(f"wrote {trim_path}: {after:,} parameters (original {before:,}, "
-                     f"{common.percent(1 - after / before)} fewer)")
+        lines.append(f"wrote {trim_path} (+ .safetensors): {after:,} parameters (original "
+                     f"{before:,}, {common.percent(1 - after / before)} fewer)")
     common.emit(args, summary, lines)
     return 0

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     reports = {}
     if plan is None or not args.no_baseline:
+        # "original": the model as given (a trimmed file too), before any --plan
         reports["original"] = run_on(model, "original")
     if plan is not None:
         compressed = (common.velcro_api("trim")(model, plan) if args.trim

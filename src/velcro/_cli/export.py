@@ -9,7 +9,6 @@ import torch
 
 import velcro
 from velcro._cli import common
-from velcro._io import atomic_path
 from velcro.apply import check_plan_fits
 from velcro.errors import VelcroError
 from velcro.plan import Plan
@@ -77,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise VelcroError(f"the model does not run on an input of shape {(1, *shape)} "
                               f"({' '.join(str(exc).split())[:120]}); set --input-shape"
                               ) from None
-    with atomic_path(out) as tmp:
-        export_onnx(model, tmp, example)
+    export_onnx(model, out, example)  # atomic: the file appears whole or not at all
     difference = None if args.no_check else _onnxruntime_difference(out, example, expected)
     summary = {
         "command": "export", **common.model_info(args), "onnx": str(out),

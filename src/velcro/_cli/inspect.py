@@ -51,7 +51,7 @@ def _kind(path: Path) -> tuple[str, object]:
         except (ValueError, UnicodeDecodeError):
             raise VelcroError(f"'{path}' looks like JSON but does not parse") from None
         fmt = document.get("format", "") if isinstance(document, dict) else ""
-        for kind in ("plan", "split"):
+        for kind in ("plan", "split", "trimmed"):
             if fmt.startswith(f"velcro.{kind}/"):
                 return kind, document
         if isinstance(document, dict) and document.get("command"):
@@ -172,6 +172,18 @@ def _onnx(path: Path) -> tuple[dict, list[str]]:
     return summary, lines
 
 
+def _trimmed(path: Path) -> tuple[dict, list[str]]:
+    model = common.velcro_api("load_trimmed")(path)
+    parameters = sum(p.numel() for p in model.parameters())
+    layers = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
+    sites = getattr(model, "velcro_sites", None) or {}
+    summary = {"kind": "trimmed", "file": str(path), "parameters": parameters,
+               "layers": dict(layers.most_common()), "sites": sites}
+    lines = [f"{path}: trimmed model, {parameters:,} parameters, {len(sites)} sites",
+             "  layers: " + ", ".join(f"{name} x{n}" for name, n in layers.most_common())]
+    return summary, lines
+
+
 def _model(args: argparse.Namespace) -> tuple[dict, list[str]]:
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -223,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         elif kind == "plan-tensors":
             raise VelcroError(f"'{path}' holds a plan's tensors; inspect the plan's JSON "
                               f"'{path.with_suffix('')}' instead")
+        elif kind == "trimmed":
+            summary, lines = _trimmed(path)
         elif kind == "split":
             counts = {name: len(items) for name, items in meta["sets"].items()}
             info = meta.get("info", {})
