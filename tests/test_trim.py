@@ -123,9 +123,10 @@ def big_model(name):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "googlenet"])
 def test_builtin_models_trim_to_what_apply_computes(name):
     model = big_model(name)
-    shape = (3, 64, 64)
-    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    shape = (3, 48, 48)
+    stats = velcro.calibrate(model, images(shape, 6), progress=False)
     x = images(shape, 2, seed=4)[0]
+    before = velcro.cost(model, x[:1])
     plans = [
         velcro.plan(stats, random_thresholds(stats.names, 7), granularity="channel",
                     constant="map"),
@@ -134,7 +135,8 @@ def test_builtin_models_trim_to_what_apply_computes(name):
     for plan in plans:
         small = velcro.trim(model, plan)
         assert_same_outputs(velcro.apply(model, plan), small, x)
-        assert_smaller(model, small, x)
+        after = velcro.cost(small, x[:1])
+        assert after.macs < before.macs and after.parameters < before.parameters
 
 
 def test_state_dict_reloads_into_the_rebuilt_recipe(tmp_path):

@@ -268,9 +268,10 @@ def _infer_input_shape(gm: fx.GraphModule, plan: Plan, sites: list) -> tuple[int
     if dims == 0 or spatial_site is None:
         return (channels,)
     target = plan.sites[spatial_site.name].shape
-    # input = factor * site size + offset (strides and unpadded kernels), natural sizes first
-    for factor in (1, 2, 4, 8, 16, 32, 64):
-        for offset in sorted(range(-factor - 8, factor + 9), key=lambda o: (abs(o), -o)):
+    # input = stride * site size + offset (unpadded kernels), exact multiples first
+    offsets = sorted(range(-16, 17), key=lambda o: (abs(o), -o))
+    for offset in offsets:
+        for factor in (1, 2, 4, 8, 16, 32, 64):
             size = tuple(t * factor + offset for t in target[1:])
             if min(size) < 1 or len(size) != dims:
                 continue
