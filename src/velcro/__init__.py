@@ -13,7 +13,7 @@ Example:
 
 # The verbs share their module's name (velcro.plan is both); importing the functions here,
 # after their modules, makes the package attribute the function.
-from velcro import models
+from velcro import hardware, kernels, models
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.cost import Cost, cost
@@ -42,6 +42,8 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "find_sites",
+    "hardware",
+    "kernels",
     "load_trimmed",
     "models",
     "plan",

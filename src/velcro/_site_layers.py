@@ -115,3 +115,41 @@ def site_layers(gm: fx.GraphModule) -> dict[str, SiteLayer]:
             _weight_shape(gm, producer),
         )
     return layers
+
+
+def producer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Every site's producer node (conv or linear), found as :func:`find_sites` finds it."""
+    from velcro.sites import TRANSPARENT_FUNCTIONS, TRANSPARENT_MODULES
+
+    def walk(node: fx.Node, seen: set[str]) -> fx.Node | None:
+        if node.name in seen:
+            return None
+        seen.add(node.name)
+        if _weight_shape(gm, node) is not None:
+            return node
+        module = _module(gm, node)
+        transparent = (
+            isinstance(module, TRANSPARENT_MODULES) if module is not None
+            else (node.op == "call_function" and node.target in TRANSPARENT_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("add", "add_"))
+        )
+        if not transparent:
+            return None
+        for arg in node.all_input_nodes:
+            found = walk(arg, seen)
+            if found is not None:
+                return found
+        return None
+
+    by_name = {node.name: node for node in gm.graph.nodes}
+    result = {}
+    for site in find_sites(gm):
+        found = walk(by_name[site.node].args[0], set())
+        if found is not None:
+            result[site.name] = found
+    return result
+
+
+def weight_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    """The weight shape of a conv/linear node (module or functional with a parameter)."""
+    return _weight_shape(gm, node)
