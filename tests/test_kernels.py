@@ -74,17 +74,16 @@ def test_the_work_list_holds_exactly_the_live_outputs(fraction):
     gen = torch.Generator().manual_seed(3)
     mask = torch.rand(13, 7, 70, generator=gen) < fraction
     kernel = SkippingConv(nn.Conv2d(2, 13, 3, padding=1), mask, torch.zeros(mask.shape))
-    # Rebuild the (channel, row, column) set from the kernel's CSR, in its own walk order.
-    seen = torch.zeros(mask.shape, dtype=torch.int64)
-    channels, height, _ = mask.shape
-    group = 0
-    for row in range(height):
-        for _tile in range(kernel.tiles):
-            for channel in range(channels):
-                start, end = kernel.pointers[group], kernel.pointers[group + 1]
-                seen[channel, row, kernel.columns[start:end].long()] += 1
-                group += 1
-    assert torch.equal(seen, (~mask).long())
+    # Rebuild the (image, channel, position) set from the kernel's CSR for a batch of 3.
+    images = 3
+    pointers, lane_images, lane_positions, tiles = kernel.work_list(images)
+    seen = torch.zeros(images, *mask.shape, dtype=torch.int64).flatten(2)
+    channels = mask.shape[0]
+    for group in range(tiles * channels):
+        channel = group % channels
+        lanes = slice(int(pointers[group]), int(pointers[group + 1]))
+        seen[lane_images[lanes].long(), channel, lane_positions[lanes].long()] += 1
+    assert torch.equal(seen.view(images, *mask.shape), (~mask).long().expand(images, -1, -1, -1))
     assert kernel.saving_ratio == pytest.approx(mask.float().mean().item())
 
 

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,10 +35,14 @@ from velcro.plan import Plan
 from velcro.sites import trace
 
 BACKENDS = ("auto", "numba", "torch")
-# Output columns per tile of the numba kernel: the tile's input band (3 rows x 34 columns x
-# 64 channels = 26 KiB for a 3x3 conv) stays in L1 while it walks the output channels, and
-# 32 columns leave enough live positions per channel to fill its 4-wide register blocks.
-COLUMN_TILE = 32
+# Output positions per tile of the numba kernel: a tile's input band (3 rows x 34 columns x
+# 64 channels = 26 KiB for a 3x3 conv on a wide map) stays in L1 while the kernel walks the
+# output channels, and 32 lanes leave enough live positions per channel to fill its 4-wide
+# register blocks. Small maps fill a tile with several rows or images.
+LANE_TILE = 32
+# Output channels per parallel job (tiles x channel blocks jobs keep both threads busy even
+# for the 1x1 maps of a network's last stage).
+CHANNEL_BLOCK = 16
 
 
 def _fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None):
@@ -73,7 +78,8 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return pad_w, pad_w, pad_h, pad_h
 
 
-def _torch_activation(kind: str):
+def activation_function(kind: str):
+    """The torch function of an activation kind (``relu``, ``gelu_tanh``, ...)."""
     table = {
         "identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
         "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
@@ -122,21 +128,53 @@ class SkippingConv:
         self.out_shape = tuple(mask.shape)
         self.weight, self.bias = _fold_batch_norm(conv, bn)
         self.padding = _padding(conv)
+        # (C_out, kh, kw * C_in / groups): a filter row is one contiguous run per tap row.
+        self.weight_rows = self.weight.float().permute(0, 2, 3, 1).flatten(2).contiguous().cpu()
+        self.bias_f32 = self.bias.float().contiguous().cpu()
+        # Where each output position's window starts in the padded channels-last input:
+        # its first input row and its offset in that (flattened) row.
+        positions = torch.arange(self.out_shape[1] * self.out_shape[2])
+        out_w = self.out_shape[2]
+        self._windows = ((positions // out_w * conv.stride[0]).to(torch.int32),
+                         (positions % out_w * conv.stride[1] * conv.in_channels).to(torch.int32))
+        self._set_mask(mask, constant)
+
+    def _set_mask(self, mask: torch.Tensor, constant: torch.Tensor) -> None:
         self.mask = mask.to(torch.bool).cpu()
         live = ~self.mask.reshape(mask.shape[0], -1)
         # Constants where compressed, zero elsewhere (the live values overwrite them).
         self.constant = torch.where(self.mask, constant.detach().cpu(), 0.0).reshape(live.shape)
+        self.live = live
         self.live_channels = [row.nonzero().flatten() for row in live]  # torch backend
-        self.pointers, self.columns, self.tiles = _skipconv.live_lists(
-            live.view(self.out_shape), COLUMN_TILE)
-        # (C_out, kh, kw * C_in / groups): a filter row is one contiguous run per tap row.
-        self.weight_rows = self.weight.float().permute(0, 2, 3, 1).flatten(2).contiguous().cpu()
-        self.bias_f32 = self.bias.float().contiguous().cpu()
+        self._lists: dict[int, tuple] = {}  # batch size -> the numba kernel's work list
+
+    def work_list(self, images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The numba kernel's (pointers, lane images, lane positions, tiles) for a batch.
+
+        Lanes ``q = n * L + l`` number the batch's output positions; for each (tile of
+        ``LANE_TILE`` lanes, output channel) the CSR lists the live lanes as (image n,
+        position l). Built once per batch size.
+        """
+        if images not in self._lists:
+            self._lists[images] = _skipconv.live_lists(self.live, images, LANE_TILE)
+        return self._lists[images]
+
+    def with_mask(self, mask: torch.Tensor, constant: torch.Tensor | None = None) -> SkippingConv:
+        """The same layer (weights folded once) with another mask and constants.
+
+        Example:
+            >>> everything = layer.with_mask(torch.zeros_like(layer.mask))  # C = 0
+        """
+        if tuple(mask.shape) != self.out_shape:
+            raise VelcroError(f"mask of shape {tuple(mask.shape)} should be {self.out_shape}")
+        other = copy.copy(self)
+        other._set_mask(mask, constant if constant is not None else torch.zeros(self.out_shape))
+        return other
 
     @property
     def live_outputs(self) -> int:
         """Output elements computed per image."""
-        return int(self.columns.numel())
+        return int(self.live.sum())
 
     @property
     def saving_ratio(self) -> float:
@@ -171,19 +209,23 @@ class SkippingConv:
 
     def _numba(self, x, residual):
         conv = self.conv
-        padded = F.pad(x, self.padding).permute(0, 2, 3, 1).contiguous().flatten(2)
-        out_w = self.out_shape[2]
+        left, right, top, bottom = self.padding
+        images, channels, height, width = x.shape
+        padded = torch.empty(images, height + top + bottom, (width + left + right) * channels)
+        _skipconv.pad_channels_last(x.contiguous().numpy(), padded.numpy(), top, left)
         out = self.constant.float().expand(x.shape[0], -1, -1).contiguous()
         has_residual = residual is not None
         extra = (residual.float().contiguous().reshape(out.shape) if has_residual
                  else out[:0])
+        pointers, lane_images, lane_positions, tiles = self.work_list(x.shape[0])
+        first_rows, row_offsets = self._windows
         _skipconv.skip_conv_live(
             padded.numpy(), self.weight_rows.numpy(), self.bias_f32.numpy(),
-            self.pointers.numpy(), self.columns.numpy(), extra.numpy(), has_residual,
+            pointers.numpy(), lane_images.numpy(), lane_positions.numpy(), first_rows.numpy(),
+            row_offsets.numpy(), extra.numpy(), has_residual,
             _skipconv.ACTIVATIONS[self.activation], out.numpy(), conv.in_channels,
-            conv.in_channels // conv.groups, conv.stride[0],
-            conv.stride[1], conv.dilation[0], conv.dilation[1], out_w, self.tiles,
-            conv.out_channels // conv.groups)
+            conv.in_channels // conv.groups, conv.dilation[0], conv.dilation[1], tiles,
+            conv.out_channels // conv.groups, CHANNEL_BLOCK)
         return out.view(x.shape[0], *self.out_shape)
 
     def _torch(self, x, residual):
@@ -196,7 +238,7 @@ class SkippingConv:
         bias = self.bias.to(x.device, x.dtype)
         depth = weight.shape[1]
         per_group = conv.out_channels // conv.groups
-        act = _torch_activation(self.activation)
+        act = activation_function(self.activation)
         flat_residual = residual.reshape(out.shape) if residual is not None else None
         for channel, positions in enumerate(self.live_channels):
             if positions.numel() == 0:
