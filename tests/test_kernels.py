@@ -163,3 +163,18 @@ def test_bad_inputs_raise_one_line_errors():
         kernel(torch.randn(1, 3, 7, 6))
     with pytest.raises(VelcroError, match="residual"):
         kernel(torch.randn(1, 3, 6, 6), torch.zeros(1, 4, 6, 5))
+
+
+def test_with_mask_reuses_the_layer_and_skip_conv2d_is_one_call():
+    model = layer_model("bn-stride")
+    x = torch.randn(2, 6, 9, 9)
+    plan = random_plan(model, [x], 0.6, seed=3)
+    kernel = conv_sites(model, plan)["2"].kernel
+    everything = kernel.with_mask(torch.zeros_like(kernel.mask))
+    assert everything.saving_ratio == 0.0 and kernel.saving_ratio == pytest.approx(0.6, abs=0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(everything(x), model(x), **TOLERANCE)
+        expected = velcro.apply(model, plan)(x)
+    once = velcro.kernels.skip_conv2d(x, model[0], plan.mask("2"), plan.sites["2"].constant,
+                                      bn=model[1])
+    torch.testing.assert_close(once, expected, **TOLERANCE)
