@@ -253,7 +253,8 @@ def plot(rows: list[dict], methods: list[str], tasks: list[str], path: Path) -> 
         label = METHODS[method]
         if method == "velcro-element":
             label = "velcro elements (VELCRO): MACs of hardware that skips outputs"
-        axis.bar(positions, means, width, yerr=sds, capsize=2, label=label,
+        below = [min(m, sd) for m, sd in zip(means, sds, strict=True)]  # no bar under 0
+        axis.bar(positions, means, width, yerr=[below, sds], capsize=2, label=label,
                  hatch="//" if method == "velcro-element" else None)
     axis.set_xticks(range(len(tasks)), [f"digits {t}" for t in tasks])
     axis.set_ylabel("MACs saved at no held-out top-1 loss (%)")
@@ -280,12 +281,22 @@ def main() -> None:
     parser.add_argument("--plot", default="benchmarks/bench_quality.png")
     parser.add_argument("--json", default=None, help="write the raw rows here")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--from-json", default=None,
+                        help="summarise and plot rows written earlier by --json, run nothing")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     tasks = [",".join(map(str, digits.parse_task(t))) for t in args.tasks.split(";")]
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        methods = [m for m in methods if any(r["method"] == m for r in rows)]
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        print(summarise(rows, methods, tasks))
+        if args.plot:
+            plot(rows, methods, tasks, Path(args.plot))
+        return
     schedule = SCHEDULES[args.schedule]
     rows = []
     began = time.perf_counter()

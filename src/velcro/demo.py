@@ -213,7 +213,7 @@ def run_demo(
 
     clock = time.perf_counter()
     stats = calibrate(model, parts.loader(calibration_set), progress=progress)
-    stats.info.update({"task": list(task), "data": "sklearn digits 32x32"})
+    stats.info.update({"task": list(task), "data": f"sklearn digits {recipe.size}x{recipe.size}"})
     seconds["calibrate"] = time.perf_counter() - clock
 
     searches = {}
