@@ -172,6 +172,10 @@ def test_trim_writes_a_smaller_model_that_evaluates_and_exports_like_apply(ws, c
     assert summary["trimmed"] == str(trimmed_path)
     assert summary["parameters"]["trimmed"] == sum(p.numel() for p in trimmed.parameters())
     assert summary["parameters"]["trimmed"] < summary["parameters"]["original"]
+    # the report beside the plan holds the trimmed parameter count (counted here by hand)
+    report = tmp_path / "p.report.html"
+    assert summary["report"] == str(report) and (tmp_path / "p.report.md").is_file()
+    assert f"{summary['parameters']['trimmed']:,}" in report.read_text(encoding="utf-8")
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = applied(x)

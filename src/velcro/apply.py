@@ -34,7 +34,7 @@ class ConstantReplace(nn.Module):
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise VelcroError unless ``plan`` was made from statistics of ``model``."""
-    Stats({}, plan.structure, plan.weights).check_model(model, what="plan")
+    Stats({}, plan.structure, plan.weights).check_model(model, what="this plan was")
 
 
 def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule:

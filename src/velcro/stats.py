@@ -131,7 +131,7 @@ class Stats:
             merged[name] = site
         return Stats(merged, self.structure, self.weights, dict(self.info))
 
-    def check_model(self, model, *, what: str = "statistics") -> None:
+    def check_model(self, model, *, what: str = "these statistics were") -> None:
         """Raise VelcroError unless ``model`` is the model these statistics came from."""
         from velcro._fingerprint import structure_fingerprint, weights_fingerprint
         from velcro.sites import find_sites, trace
@@ -139,13 +139,13 @@ class Stats:
         names = [s.name for s in find_sites(trace(model))]
         if structure_fingerprint(model, names) != self.structure:
             raise VelcroError(
-                f"these {what} were made for another model (structure fingerprint "
+                f"{what} made for another model (structure fingerprint "
                 f"{self.structure}, this model's is {structure_fingerprint(model, names)}); "
-                "calibrate this model, or load the model they were made for"
+                "calibrate this model, or load the one they came from"
             )
         if weights_fingerprint(model) != self.weights:
             raise VelcroError(
-                f"these {what} were made for the same architecture with other weights "
+                f"{what} made for the same architecture with other weights "
                 f"(weights fingerprint {self.weights}, this model's is "
                 f"{weights_fingerprint(model)}); calibrate with these weights"
             )

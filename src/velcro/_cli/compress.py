@@ -18,7 +18,8 @@ from velcro.stats import Stats
 DESCRIPTION = """\
 Choose, per activation site, the given fraction of units with the lowest variance and
 replace them by their means (VELCRO: --granularity element; S-VELCRO: channel). Writes the
-plan (readable JSON + tensors); with --trim also the trimmed model (filters removed).
+plan (readable JSON + tensors) and a report beside it (NAME.report.html + .md); with --trim
+also the trimmed model (filters removed).
 
 thresholds: one fraction for every site (0.3), one per site in site order (0.1,0.2,...),
 or a JSON file mapping site name -> fraction (sites left out keep 0).
@@ -51,6 +52,8 @@ def add_parser(subparsers) -> None:
                         help="also write the trimmed model (JSON + .safetensors beside it, "
                              "loaded without pickle by velcro.load_trimmed or --model "
                              "FILE.json; channel plans; needs --model)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="write no HTML/Markdown report beside the plan")
     common.add_model_options(parser, required=False)
     common.add_runtime_options(parser, data=False)
     parser.set_defaults(run=run)
@@ -97,6 +100,38 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _input_shape(stats: Stats | None, trimmed) -> tuple[int, ...] | None:
+    """One input's shape: the trimmed model's, or the calibration preprocessing's crop."""
+    if trimmed is not None:
+        shape = getattr(trimmed, "velcro_input_shape", None)
+        if shape:
+            return tuple(shape)
+    crop = ((stats.info.get("preprocess") or {}).get("crop")) if stats is not None else None
+    return (3, *crop) if crop else None
+
+
+def _write_report(args, plan: Plan, stats: Stats | None, model, trimmed,
+                  plan_path: Path) -> list[Path]:
+    from velcro._cli.search import output_base
+    from velcro.report import measure_costs, write_report
+
+    costs = None
+    shape = _input_shape(stats, trimmed) if model is not None else None
+    if shape is not None:
+        try:
+            costs = measure_costs(model, plan, torch.zeros(1, *shape), latency=False)
+        except VelcroError as exc:  # a model trimming cannot handle: report without costs
+            common.note(f"costs not measured: {exc}")
+    info = stats.info if stats is not None else {}
+    base = output_base(plan_path)
+    paths = write_report({
+        "command": "compress", **(common.model_info(args) if model is not None else {}),
+        "task": info.get("task"), "classes": info.get("classes"), "plan": plan,
+        "stats": stats, "cost": costs,
+    }, base.with_name(base.name + ".report.html"))
+    return [paths["html"], paths["markdown"]]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.thresholds is not None and not args.stats:
         raise VelcroError("--thresholds needs --stats FILE (from `velcro calibrate`)")
@@ -115,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise VelcroError("--trim and --output name the same file; give two names")
 
     model = common.load_model(args) if args.model else None
+    stats = None
     if args.plan:
         plan = Plan.load(args.plan)
         if model is not None:
@@ -136,8 +172,11 @@ def run(args: argparse.Namespace) -> int:
         trimmed = common.velcro_api("trim")(model, plan)
     if trimmed is not None:  # first: it refuses graphs it cannot describe safely
         common.velcro_api("save_trimmed")(trimmed, trim_path)
+    reports = []
     if plan_path is not None:
         plan.save(plan_path)
+        if not args.no_report:
+            reports = _write_report(args, plan, stats, model, trimmed, plan_path)
 
     summary = {
         "command": "compress", "plan": str(plan_path or args.plan),
@@ -148,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
              f"ratio C = {common.percent(plan.saving_ratio)}"]
     if plan_path is not None:
         lines.append(f"wrote {plan_path} (+ {plan_path.name}.safetensors)")
+        lines += [f"wrote {path}" for path in reports]
+        if reports:
+            summary["report"] = str(reports[0])
     if trimmed is not None:
         before, after = _parameters(model), _parameters(trimmed)
         summary.update({"trimmed": str(trim_path),
