@@ -9,7 +9,6 @@ import torch
 from cli_workspace import CLASSES, DATA_OPTIONS, PER_CLASS, build, preprocess
 
 import velcro
-from velcro.cli import main
 from velcro.data import ImageFolder, ImageLoader, Split
 from velcro.plan import Plan
 from velcro.stats import Stats
@@ -20,19 +19,6 @@ TINY = ["--model", "clitiny:factory"]
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cli"))
-
-
-@pytest.fixture
-def cli(ws, monkeypatch, capsys):
-    """Run `velcro ARGS` in process; returns (exit code, stdout, stderr)."""
-    monkeypatch.syspath_prepend(str(ws.module_dir))
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def loader(ws, samples):

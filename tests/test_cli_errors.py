@@ -12,26 +12,12 @@ import torch
 from cli_workspace import DATA_OPTIONS, build, make_images
 from safetensors.torch import save_file
 
-from velcro.cli import main
-
 TINY = ["--model", "clitiny:factory"]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return build(tmp_path_factory.mktemp("cli_errors"))
-
-
-@pytest.fixture
-def cli(ws, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ws.module_dir))
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

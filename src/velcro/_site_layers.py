@@ -18,6 +18,20 @@ import torch.nn.functional as F
 from velcro.sites import find_sites
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def batchnorm_affine(norm: nn.modules.batchnorm._BatchNorm,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` per channel of an eval-mode batch-norm: ``norm(x) = x*scale + shift``,
+    computed in ``dtype`` (default: the running statistics' own)."""
+    dtype = dtype or norm.running_var.dtype
+    scale = norm.running_var.detach().to(dtype).add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().to(dtype)
+    shift = -norm.running_mean.detach().to(dtype) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.detach().to(dtype)
+    return scale, shift
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 
 

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from velcro import _trim_ops as ops
+from velcro._site_layers import batchnorm_affine
 from velcro.errors import VelcroError
 
 
@@ -70,12 +71,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> None:
             continue
         fused = copy.copy(conv)  # shares nothing it keeps: weight and bias are replaced
         fused._parameters = dict(conv._parameters)
-        scale = norm.running_var.double().add(norm.eps).rsqrt()
-        if norm.weight is not None:
-            scale = scale * norm.weight.double()
-        shift = -norm.running_mean.double() * scale
-        if norm.bias is not None:
-            shift = shift + norm.bias.double()
+        scale, shift = batchnorm_affine(norm, torch.float64)
         bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
         view = [-1] + [1] * (conv.weight.dim() - 1)
         dtype = conv.weight.dtype

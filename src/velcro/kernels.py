@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from velcro import _skipconv
-from velcro._site_layers import SiteLayer, site_layers
+from velcro._site_layers import SiteLayer, batchnorm_affine, site_layers
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.plan import Plan
@@ -52,12 +52,7 @@ def _fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm | None
         conv.out_channels, dtype=weight.dtype, device=weight.device)
     if bn is None:
         return weight.clone(), bias.clone()
-    scale = bn.running_var.detach().add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach()
-    shift = -bn.running_mean.detach() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.detach()
+    scale, shift = batchnorm_affine(bn)
     return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
 
 
