@@ -5,14 +5,15 @@ module (64x64 input maps, 3x3 filter; here 64 -> 64 channels, same padding) runs
 C = 0.5 at least 1.6x its own C = 0 throughput (1/(1-C) = 2 is the limit), and the hardware
 model (velcro.hardware) predicts throughput 1/(1-C) and energy linear in C.
 
-    .venv/bin/python benchmarks/bench_hardware.py [--channels 64] [--batch 8] [--repeats 7]
+    .venv/bin/python benchmarks/bench_hardware.py [--channels 64] [--batch 8] [--repeats 15]
     .venv/bin/python benchmarks/bench_hardware.py --plan PLAN.json --model NAME \\
         --weights FILE [--num-classes 10] [--input-size 32]
     .venv/bin/python benchmarks/bench_hardware.py --random-plan 0.3   # resnet18, random weights
 
 Module part: for C = 0, 0.1, ..., 0.9, a random element mask of exactly C of the outputs;
-each C is timed --repeats times, the C values interleaved so that machine load spreads over
-all of them; the best time counts. "C = 0" is the same kernel computing every output; the
+in each of --repeats rounds every C is timed right after a run at C = 0 ("C = 0" is the same
+kernel computing every output), and the speed-up is the median of those paired ratios (this
+machine's speed drifts by 10-20% within seconds, so only runs close in time compare); the
 dense torch conv2d + ReLU (+ torch.where for the constants, i.e. what velcro.apply runs) is
 timed beside it (--clock cpu: CPU seconds instead of wall seconds). Every output is checked
 against the dense result. Plan part: every conv site of the plan runs on the kernel with the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,34 @@ def best_times(functions: dict, repeats: int) -> dict:
             function()
             best[name] = min(best[name], clock() - start)
     return best
+
+
+def paired_speedups(pairs: dict, repeats: int) -> tuple[dict, dict, dict]:
+    """Speed-up of each ``(base, function)`` pair: the median over ``repeats`` rounds of
+    time(base) / time(function), each function timed right after a run of its base; and
+    the median times of each function and of its base runs.
+
+    Pairs, because this machine's speed drifts by 10-20% within seconds: only runs close in
+    time compare, and a ratio of best times taken seconds apart carries that drift.
+    """
+    for base, function in pairs.values():
+        base()
+        function()  # warm up (numba compiles on first use)
+    ratios = {name: [] for name in pairs}
+    times = {name: [] for name in pairs}
+    base_times = {name: [] for name in pairs}
+    for _ in range(repeats):
+        for name, (base, function) in pairs.items():
+            start = clock()
+            base()
+            middle = clock()
+            function()
+            end = clock()
+            ratios[name].append((middle - start) / (end - middle))
+            times[name].append(end - middle)
+            base_times[name].append(middle - start)
+    return tuple({name: statistics.median(v) for name, v in values.items()}
+                 for values in (ratios, times, base_times))
 
 
 def dense_layer(kernel: SkippingConv, act):
@@ -105,7 +135,11 @@ def module_experiment(args) -> list[dict]:
         error = (runs[("skip", fraction)](x) - runs[("dense", fraction)](x)).abs().max()
         if error > 1e-4:
             sys.exit(f"kernel differs from the dense layer by {error:.2e} at C={fraction}")
-    times = best_times({key: (lambda f=f: f(x)) for key, f in runs.items()}, args.repeats)
+    speedups, times, _ = paired_speedups(
+        {fraction: (lambda k=runs[("skip", 0.0)]: k(x), lambda k=runs[("skip", fraction)]: k(x))
+         for fraction in FRACTIONS}, args.repeats)
+    dense = best_times({f: (lambda d=runs[("dense", f)]: d(x)) for f in FRACTIONS},
+                       args.repeats)
     base_model = hardware.estimate(layer, {"module": masks[0.0]})
     base_paper = hardware.estimate(paper, {"module": masks[0.0][:1]})
     rows = []
@@ -116,9 +150,9 @@ def module_experiment(args) -> list[dict]:
         paper_model = hardware.estimate(paper, {"module": mask[:1]}).relative_to(base_paper)
         rows.append({
             "C": c, "law": 1 / (1 - c),
-            "skip_ips": args.batch / times[("skip", fraction)],
-            "speedup": times[("skip", 0.0)] / times[("skip", fraction)],
-            "dense_ips": args.batch / times[("dense", fraction)],
+            "skip_ips": args.batch / times[fraction],
+            "speedup": speedups[fraction],
+            "dense_ips": args.batch / dense[fraction],
             "model_speedup": model["throughput"], "model_energy": model["energy"],
             "paper_speedup": paper_model["throughput"], "paper_energy": paper_model["energy"],
         })
@@ -128,7 +162,9 @@ def module_experiment(args) -> list[dict]:
 def module_table(rows, args) -> str:
     lines = [
         f"Module: {args.channels}->{args.channels} channels, 64x64, 3x3, same padding, batch "
-        f"{args.batch}, best of {args.repeats}; model: 16 modules, 9 MACs/cycle, 300 MHz.",
+        f"{args.batch}; kernel: median of {args.repeats} rounds, each C timed right after "
+        "C = 0 (speed-up: median of those paired ratios); dense: best of "
+        f"{args.repeats}; model: 16 modules, 9 MACs/cycle, 300 MHz.",
         "",
         "| C | 1/(1-C) | kernel img/s | measured speed-up | model speed-up | model energy "
         "| paper module (1 map) speed-up / energy | dense torch img/s | kernel / dense |",
@@ -172,7 +208,7 @@ def plan_experiment(args) -> tuple[list[dict], str]:
     if not kernels:
         sys.exit("the plan has no conv sites the kernel can run")
     recorded = layer_io(model, plan, images, kernels)
-    functions, checked = {}, []
+    functions, dense_runs, checked = {}, {}, []
     for name, site in kernels.items():
         io = recorded[name]
         skip = site.kernel
@@ -180,10 +216,11 @@ def plan_experiment(args) -> tuple[list[dict], str]:
         dense = dense_layer(skip, activation_function(skip.activation))
         error = (skip(io.input, io.residual) - io.output).abs().max().item()
         checked.append(error)
-        functions[(name, "skip")] = lambda k=skip, io=io: k(io.input, io.residual)
-        functions[(name, "full")] = lambda k=full, io=io: k(io.input, io.residual)
-        functions[(name, "dense")] = lambda d=dense, io=io: d(io.input, io.residual)
-    times = best_times(functions, args.repeats)
+        functions[name] = (lambda k=full, io=io: k(io.input, io.residual),
+                           lambda k=skip, io=io: k(io.input, io.residual))
+        dense_runs[name] = lambda d=dense, io=io: d(io.input, io.residual)
+    speedups, skip_times, full_times = paired_speedups(functions, args.repeats)
+    dense_times = best_times(dense_runs, args.repeats)
     layers = hardware.layer_shapes(model, shape)
     modelled = {c.name: c for c in hardware.estimate(layers, plan).layers}
     baseline = {c.name: c for c in hardware.estimate(layers).layers}
@@ -192,9 +229,9 @@ def plan_experiment(args) -> tuple[list[dict], str]:
         c = site.kernel.saving_ratio
         rows.append({
             "site": name, "C": c, "law": 1 / (1 - c) if c < 1 else float("inf"),
-            "speedup": times[(name, "full")] / times[(name, "skip")],
-            "skip_ms": times[(name, "skip")] * 1e3, "dense_ms": times[(name, "dense")] * 1e3,
-            "full_ms": times[(name, "full")] * 1e3,
+            "speedup": speedups[name],
+            "skip_ms": skip_times[name] * 1e3, "dense_ms": dense_times[name] * 1e3,
+            "full_ms": full_times[name] * 1e3,
             "model_speedup": baseline[name].cycles / modelled[name].cycles
             if modelled[name].cycles else float("inf"),
             "model_energy": modelled[name].energy_pj / baseline[name].energy_pj,
@@ -204,7 +241,9 @@ def plan_experiment(args) -> tuple[list[dict], str]:
     lines = [
         f"Plan: {label}, {plan.granularity} plan, C = {plan.saving_ratio:.3f} over all sites; "
         f"input {shape}, batch {args.batch}; {len(kernels)} conv sites on the kernel (max "
-        f"error vs apply {max(checked):.1e}); best of {args.repeats}.",
+        f"error vs apply {max(checked):.1e}); kernel: median of {args.repeats} rounds, each "
+        "right after the same kernel at C = 0 (speed-up: median of the paired ratios); dense: "
+        f"best of {args.repeats}.",
         "",
         "| site | C | 1/(1-C) | kernel ms | same kernel, C=0, ms | measured speed-up "
         "| model speed-up | model energy | dense torch ms |",
@@ -258,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch and numba threads (default: all)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or process CPU time (steadier on a loaded machine; "

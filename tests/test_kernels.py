@@ -41,6 +41,9 @@ LAYERS = {
     "hardswish": (dict(in_channels=4, out_channels=9, kernel_size=2), nn.Hardswish(), True),
     "gelu-tanh": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
                   nn.GELU(approximate="tanh"), False),
+    # 13 input channels: the padding pass's 8-channel blocks and its 5 leftover channels
+    "13-channels": (dict(in_channels=13, out_channels=6, kernel_size=3, padding=1), nn.ReLU(),
+                    False),
 }
 
 

@@ -136,9 +136,31 @@ if numba is not None:
                 continue
             target[: left * channels] = 0.0
             target[(left + width) * channels:] = 0.0
-            # Read each source row contiguously; the strided writes stay in the L1-sized
-            # target row (reading across channels instead would hit one cache set per 4 KiB).
-            for ch in range(channels):
+            # Eight source rows (channels) at a time, each read contiguously, so that every
+            # column gets eight adjacent floats (one 32-byte write) instead of eight strided
+            # ones: half the time of one channel at a time on the papers' 64x64x64 module.
+            ch0 = 0
+            while ch0 + 8 <= channels:
+                s0 = x[n, ch0, source_row]
+                s1 = x[n, ch0 + 1, source_row]
+                s2 = x[n, ch0 + 2, source_row]
+                s3 = x[n, ch0 + 3, source_row]
+                s4 = x[n, ch0 + 4, source_row]
+                s5 = x[n, ch0 + 5, source_row]
+                s6 = x[n, ch0 + 6, source_row]
+                s7 = x[n, ch0 + 7, source_row]
+                for c in range(width):
+                    o = (left + c) * channels + ch0
+                    target[o] = s0[c]
+                    target[o + 1] = s1[c]
+                    target[o + 2] = s2[c]
+                    target[o + 3] = s3[c]
+                    target[o + 4] = s4[c]
+                    target[o + 5] = s5[c]
+                    target[o + 6] = s6[c]
+                    target[o + 7] = s7[c]
+                ch0 += 8
+            for ch in range(ch0, channels):
                 source = x[n, ch, source_row]
                 for c in range(width):
                     target[(left + c) * channels + ch] = source[c]
@@ -214,6 +236,28 @@ if numba is not None:
                         _store(out, residual, has_residual, code, n2, co, p2, a2)
                         _store(out, residual, has_residual, code, n3, co, p3, a3)
                         t += 4
+                    elif end - t == 3:
+                        # One 4-lane block with the last lane twice: cheaper than 2 + 1 lanes,
+                        # which share fewer filter loads.
+                        n1 = lane_images[t + 1]
+                        p1 = lane_positions[t + 1]
+                        r1 = first_rows[p1]
+                        x1 = row_offsets[p1] + base
+                        n2 = lane_images[t + 2]
+                        p2 = lane_positions[t + 2]
+                        r2 = first_rows[p2]
+                        x2 = row_offsets[p2] + base
+                        if n0 == n2 and r0 == r2:
+                            a0, a1, a2, _ = _dot4_row(xp, w, co, dil_h, step, segments, span,
+                                                      n0, r0, x0, x1, x2, x2, b, b, b, b)
+                        else:
+                            a0, a1, a2, _ = _dot4(xp, w, co, dil_h, step, segments, span,
+                                                  n0, r0, x0, n1, r1, x1, n2, r2, x2,
+                                                  n2, r2, x2, b, b, b, b)
+                        _store(out, residual, has_residual, code, n0, co, p0, a0)
+                        _store(out, residual, has_residual, code, n1, co, p1, a1)
+                        _store(out, residual, has_residual, code, n2, co, p2, a2)
+                        t += 3
                     elif end - t >= 2:
                         n1 = lane_images[t + 1]
                         p1 = lane_positions[t + 1]

@@ -139,9 +139,10 @@ class SkippingConv:
         live = ~self.mask.reshape(mask.shape[0], -1)
         # Constants where compressed, zero elsewhere (the live values overwrite them).
         self.constant = torch.where(self.mask, constant.detach().cpu(), 0.0).reshape(live.shape)
+        self.constant_f32 = self.constant.float().contiguous()
         self.live = live
         self.live_channels = [row.nonzero().flatten() for row in live]  # torch backend
-        self._lists: dict[int, tuple] = {}  # batch size -> the numba kernel's work list
+        self._lists: dict[tuple, tuple] = {}  # (batch, tile) -> the numba kernel's work list
 
     def work_list(self, images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The numba kernel's (pointers, lane images, lane positions, tiles) for a batch.
@@ -150,9 +151,10 @@ class SkippingConv:
         ``LANE_TILE`` lanes, output channel) the CSR lists the live lanes as (image n,
         position l). Built once per batch size.
         """
-        if images not in self._lists:
-            self._lists[images] = _skipconv.live_lists(self.live, images, LANE_TILE)
-        return self._lists[images]
+        key = (images, LANE_TILE)
+        if key not in self._lists:
+            self._lists[key] = _skipconv.live_lists(self.live, images, LANE_TILE)
+        return self._lists[key]
 
     def with_mask(self, mask: torch.Tensor, constant: torch.Tensor | None = None) -> SkippingConv:
         """The same layer (weights folded once) with another mask and constants.
@@ -208,7 +210,7 @@ class SkippingConv:
         images, channels, height, width = x.shape
         padded = torch.empty(images, height + top + bottom, (width + left + right) * channels)
         _skipconv.pad_channels_last(x.contiguous().numpy(), padded.numpy(), top, left)
-        out = self.constant.float().expand(x.shape[0], -1, -1).contiguous()
+        out = self.constant_f32.expand(x.shape[0], -1, -1).contiguous()
         has_residual = residual is not None
         extra = (residual.float().contiguous().reshape(out.shape) if has_residual
                  else out[:0])
