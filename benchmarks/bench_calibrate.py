@@ -4,12 +4,14 @@ Claims checked (issue 2): calibrating ResNet-18 at 224x224 on 256 images takes a
 1.15x the time of plain inference on the same images, and peak memory does not grow
 between 64 and 512 images.
 
-    .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 3]
+    .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 7]
 
-Timing: plain inference and calibration run interleaved on the same generated batches,
-median of --repeats; calibration time includes everything `velcro.calibrate` does (trace,
-fingerprints, statistics). Memory: each image count runs in a fresh subprocess that
-streams generated batches (nothing is kept), reporting its peak resident set size.
+Timing: plain inference and calibration alternate on the same generated batches (P C P ...
+C P); each calibration is divided by the mean of the plain runs either side of it, and the
+median of those --repeats ratios is reported; calibration time includes everything
+`velcro.calibrate` does (trace, fingerprints, statistics). Memory: each image count runs in
+a fresh subprocess that streams generated batches (nothing is kept), reporting its peak
+resident set size.
 """
 
 from __future__ import annotations
@@ -45,28 +47,35 @@ def peak_memory_child(images: int) -> None:
 
 
 def time_it(images: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Plain inference and calibration times, run P C P C ... C P: each calibration is
+    compared with the mean of the plain runs on either side of it, which cancels a linear
+    drift of the machine's speed (it drifts by 10-20% within seconds here)."""
     model = resnet18().eval()
     batches = list(generated_batches(images))
     with torch.no_grad():
         model(batches[0])  # warm up kernels
     velcro.calibrate(model, batches[:1], progress=False)  # warm up the numba cache
-    plain, calib = [], []
-    for _ in range(repeats):
+
+    def plain_run() -> float:
         start = time.perf_counter()
         with torch.no_grad():
             for batch in batches:
                 model(batch)
-        plain.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    plain, calib = [plain_run()], []
+    for _ in range(repeats):
         start = time.perf_counter()
         velcro.calibrate(model, batches, progress=False)
         calib.append(time.perf_counter() - start)
+        plain.append(plain_run())
     return plain, calib
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-images", default="64,512")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,16 +83,17 @@ def main() -> None:
         peak_memory_child(args.child)
         return
     plain, calib = time_it(args.images, args.repeats)
-    ratios = [c / p for p, c in zip(plain, calib, strict=True)]
+    around = [(a + b) / 2 for a, b in zip(plain[:-1], plain[1:], strict=True)]  # either side
+    ratios = [c / p for p, c in zip(around, calib, strict=True)]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     print(f"\nResNet-18, 224x224, {args.images} images, batch {BATCH}, "
-          f"median of {args.repeats} interleaved runs\n")
-    print("| run | plain inference (s) | calibrate (s) | ratio |")
+          f"{args.repeats} calibrations, each between two plain inference runs\n")
+    print("| run | plain inference, mean of the runs either side (s) | calibrate (s) | ratio |")
     print("|---|---|---|---|")
-    for i, (p, c) in enumerate(zip(plain, calib, strict=True)):
+    for i, (p, c) in enumerate(zip(around, calib, strict=True)):
         print(f"| {i + 1} | {p:.2f} | {c:.2f} | {c / p:.3f} |")
-    print(f"| **median** | {statistics.median(plain):.2f} | {statistics.median(calib):.2f} | "
+    print(f"| **median** | {statistics.median(around):.2f} | {statistics.median(calib):.2f} | "
           f"**{statistics.median(ratios):.3f}** |")
     print("\n| images | peak RSS (MiB) |")
     print("|---|---|")

@@ -163,8 +163,9 @@ def module_table(rows, args) -> str:
     lines = [
         f"Module: {args.channels}->{args.channels} channels, 64x64, 3x3, same padding, batch "
         f"{args.batch}; kernel: median of {args.repeats} rounds, each C timed right after "
-        "C = 0 (speed-up: median of those paired ratios); dense: best of "
-        f"{args.repeats}; model: 16 modules, 9 MACs/cycle, 300 MHz.",
+        "C = 0 (speed-up: median of those paired ratios; the img/s columns are each C's own "
+        "median and carry the machine's drift between rounds, so read the speed-up); dense: "
+        f"best of {args.repeats}; model: 16 modules, 9 MACs/cycle, 300 MHz.",
         "",
         "| C | 1/(1-C) | kernel img/s | measured speed-up | model speed-up | model energy "
         "| paper module (1 map) speed-up / energy | dense torch img/s | kernel / dense |",
