@@ -7,8 +7,9 @@ so a filter row meets the input in one contiguous run (kw * C_in floats) that th
 vectorises. The kernel is weight-stationary: four live lanes of one output channel share
 every filter load (register blocking), and lanes are numbered across rows and images so that
 small maps (the 4x4 and 1x1 maps of a network's last stages) still fill the 4-wide blocks.
-Measured on the papers' module (64 -> 64 channels, 64x64, 3x3) it runs at about half the
-speed of oneDNN's dense convolution at C = 0 and breaks even near C = 0.5.
+Measured on the papers' module (64 -> 64 channels, 64x64, 3x3, batch 8) it runs at about a
+third of the speed of oneDNN's dense convolution at C = 0 and breaks even near C = 0.75; on
+the demo model's small maps it beats the dense layers at C = 0.42 (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
