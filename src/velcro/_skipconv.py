@@ -212,7 +212,10 @@ if numba is not None:
                     p0 = lane_positions[t]
                     r0 = first_rows[p0]
                     x0 = row_offsets[p0] + base
-                    if end - t >= 4:
+                    if end - t >= 3:
+                        # Four lanes share every filter load. Three left are one 4-lane
+                        # block with the last lane twice: cheaper than 2 + 1 lanes.
+                        last = t + 3 if end - t >= 4 else t + 2
                         n1 = lane_images[t + 1]
                         p1 = lane_positions[t + 1]
                         r1 = first_rows[p1]
@@ -221,8 +224,8 @@ if numba is not None:
                         p2 = lane_positions[t + 2]
                         r2 = first_rows[p2]
                         x2 = row_offsets[p2] + base
-                        n3 = lane_images[t + 3]
-                        p3 = lane_positions[t + 3]
+                        n3 = lane_images[last]
+                        p3 = lane_positions[last]
                         r3 = first_rows[p3]
                         x3 = row_offsets[p3] + base
                         if n0 == n3 and r0 == r3:
@@ -235,30 +238,9 @@ if numba is not None:
                         _store(out, residual, has_residual, code, n0, co, p0, a0)
                         _store(out, residual, has_residual, code, n1, co, p1, a1)
                         _store(out, residual, has_residual, code, n2, co, p2, a2)
-                        _store(out, residual, has_residual, code, n3, co, p3, a3)
-                        t += 4
-                    elif end - t == 3:
-                        # One 4-lane block with the last lane twice: cheaper than 2 + 1 lanes,
-                        # which share fewer filter loads.
-                        n1 = lane_images[t + 1]
-                        p1 = lane_positions[t + 1]
-                        r1 = first_rows[p1]
-                        x1 = row_offsets[p1] + base
-                        n2 = lane_images[t + 2]
-                        p2 = lane_positions[t + 2]
-                        r2 = first_rows[p2]
-                        x2 = row_offsets[p2] + base
-                        if n0 == n2 and r0 == r2:
-                            a0, a1, a2, _ = _dot4_row(xp, w, co, dil_h, step, segments, span,
-                                                      n0, r0, x0, x1, x2, x2, b, b, b, b)
-                        else:
-                            a0, a1, a2, _ = _dot4(xp, w, co, dil_h, step, segments, span,
-                                                  n0, r0, x0, n1, r1, x1, n2, r2, x2,
-                                                  n2, r2, x2, b, b, b, b)
-                        _store(out, residual, has_residual, code, n0, co, p0, a0)
-                        _store(out, residual, has_residual, code, n1, co, p1, a1)
-                        _store(out, residual, has_residual, code, n2, co, p2, a2)
-                        t += 3
+                        if last == t + 3:
+                            _store(out, residual, has_residual, code, n3, co, p3, a3)
+                        t = last + 1
                     elif end - t >= 2:
                         n1 = lane_images[t + 1]
                         p1 = lane_positions[t + 1]
