@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from velcro.sites import find_sites
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 def batchnorm_affine(norm: nn.modules.batchnorm._BatchNorm,
@@ -32,7 +33,6 @@ def batchnorm_affine(norm: nn.modules.batchnorm._BatchNorm,
     if norm.bias is not None:
         shift = shift + norm.bias.detach().to(dtype)
     return scale, shift
-_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 @dataclass(frozen=True)

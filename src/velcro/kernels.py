@@ -139,7 +139,6 @@ class SkippingConv:
         live = ~self.mask.reshape(mask.shape[0], -1)
         # Constants where compressed, zero elsewhere (the live values overwrite them).
         self.constant = torch.where(self.mask, constant.detach().cpu(), 0.0).reshape(live.shape)
-        self.constant_f32 = self.constant.float().contiguous()
         self.live = live
         self.live_channels = [row.nonzero().flatten() for row in live]  # torch backend
         self._lists: dict[tuple, tuple] = {}  # (batch, tile) -> the numba kernel's work list
@@ -210,7 +209,7 @@ class SkippingConv:
         images, channels, height, width = x.shape
         padded = torch.empty(images, height + top + bottom, (width + left + right) * channels)
         _skipconv.pad_channels_last(x.contiguous().numpy(), padded.numpy(), top, left)
-        out = self.constant_f32.expand(x.shape[0], -1, -1).contiguous()
+        out = self.constant.float().expand(x.shape[0], -1, -1).contiguous()
         has_residual = residual is not None
         extra = (residual.float().contiguous().reshape(out.shape) if has_residual
                  else out[:0])

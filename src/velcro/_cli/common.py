@@ -357,3 +357,13 @@ def percent(value: float) -> str:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:200] if text else type(exc).__name__
+
+
+def output_base(plan_path: Path) -> Path:
+    """``cats.plan.json`` -> ``cats``: the stem the summary and report are named after."""
+    name = plan_path.name
+    for suffix in (".plan.json", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return plan_path.with_name(name or "search")

@@ -112,7 +112,6 @@ def _input_shape(stats: Stats | None, trimmed) -> tuple[int, ...] | None:
 
 def _write_report(args, plan: Plan, stats: Stats | None, model, trimmed,
                   plan_path: Path) -> list[Path]:
-    from velcro._cli.search import output_base
     from velcro.report import measure_costs, write_report
 
     costs = None
@@ -123,7 +122,7 @@ def _write_report(args, plan: Plan, stats: Stats | None, model, trimmed,
         except VelcroError as exc:  # a model trimming cannot handle: report without costs
             common.note(f"costs not measured: {exc}")
     info = stats.info if stats is not None else {}
-    base = output_base(plan_path)
+    base = common.output_base(plan_path)
     paths = write_report({
         "command": "compress", **(common.model_info(args) if model is not None else {}),
         "task": info.get("task"), "classes": info.get("classes"), "plan": plan,

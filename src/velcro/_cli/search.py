@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from velcro._cli import common
 from velcro.distributed import is_main
@@ -62,19 +61,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def output_base(plan_path: Path) -> Path:
-    """``cats.plan.json`` -> ``cats``: the stem the summary and report are named after."""
-    name = plan_path.name
-    for suffix in (".plan.json", ".json"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return plan_path.with_name(name or "search")
-
-
 def run(args: argparse.Namespace) -> int:
     plan_path = common.check_output(args.output, "--output")
-    base = output_base(plan_path)
+    base = common.output_base(plan_path)
     summary_path = base.with_name(base.name + ".search.json")
     report_path = base.with_name(base.name + ".report.html")
     if args.tolerance < 0 or args.tolerance > 1:
