@@ -1,6 +1,6 @@
 """The papers' hardware experiment in software: a conv+ReLU that skips compressed outputs.
 
-Claim checked (issue 7): the skipping kernel (velcro.kernels.SkippingConv) on the papers'
+Claim checked (issue 7): the skipping kernel (velcro.hardware.kernels.SkippingConv) on the papers'
 module (64x64 input maps, 3x3 filter; here 64 -> 64 channels, same padding) runs at
 C = 0.5 at least 1.6x its own C = 0 throughput (1/(1-C) = 2 is the limit), and the hardware
 model (velcro.hardware) predicts throughput 1/(1-C) and energy linear in C.
@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import velcro  # noqa: E402
 from velcro import hardware  # noqa: E402
-from velcro.kernels import SkippingConv, activation_function, conv_sites, layer_io  # noqa: E402
+from velcro.hardware.kernels import SkippingConv, activation_function, conv_sites, layer_io  # noqa: E402
 
 FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
 HERE = Path(__file__).resolve().parent
@@ -188,7 +188,7 @@ def load_plan_model(args):
         batches = [torch.randn(8, *shape, generator=gen) for _ in range(4)]
         stats = velcro.calibrate(model, batches, progress=False)
         return model, velcro.plan(stats, args.random_plan), "resnet18 (random weights)"
-    from velcro._cli.common import load_model
+    from velcro.cli._common import load_model
 
     namespace = argparse.Namespace(model=args.model, weights=args.weights,
                                    num_classes=args.num_classes, device="cpu")

@@ -52,10 +52,10 @@ import torch
 from tqdm.auto import tqdm
 
 import velcro
-from velcro import _demo_parts as parts
-from velcro._digits_model import trained_model
 from velcro.cost import cost
 from velcro.data import digits
+from velcro.demo import _parts as parts
+from velcro.demo._digits_model import trained_model
 from velcro.report import measure_costs
 from velcro.search import SearchSchedule, filter_norm_score, random_score, search
 

@@ -31,9 +31,9 @@ from velcro.search import SearchSchedule, search
 
 def digits_task(task: str, seed: int):
     """The demo's model and its calibration, search and validation loaders."""
-    from velcro import _demo_parts as parts
-    from velcro._digits_model import trained_model
     from velcro.data import digits
+    from velcro.demo import _parts as parts
+    from velcro.demo._digits_model import trained_model
 
     split = digits.load(seed=seed)
     model = trained_model(split, seed=seed, progress=False).model.eval()

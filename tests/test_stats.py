@@ -140,7 +140,6 @@ def test_merge_refuses_other_models():
 @pytest.mark.parametrize("fused", [True, False])
 def test_both_moment_kernels_match_numpy(monkeypatch, fused):
     from velcro import _moments
-
     if not fused:
         monkeypatch.setattr(_moments, "numba", None)
     elif not _moments.fused_available():

@@ -13,18 +13,19 @@ Example:
 
 # The verbs share their module's name (velcro.plan is both); importing the functions here,
 # after their modules, makes the package attribute the function.
-from velcro import hardware, kernels, models
+from velcro import hardware, models
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.cost import Cost, cost
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
 from velcro.export import export_onnx
+from velcro.graph import find_sites, trace
+from velcro.hardware import kernels
 from velcro.plan import Plan, plan
+from velcro.report.sweep import sweep
 from velcro.search import SearchResult, search
-from velcro.sites import find_sites, trace
 from velcro.stats import Stats
-from velcro.sweep import sweep
 from velcro.trim import load_trimmed, save_trimmed, trim
 
 __version__ = "0.1.0"

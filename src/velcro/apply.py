@@ -7,8 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from velcro.errors import VelcroError
+from velcro.graph import find_sites, insert_after_sites, trace
 from velcro.plan import Plan
-from velcro.sites import find_sites, insert_after_sites, trace
 from velcro.stats import Stats
 
 

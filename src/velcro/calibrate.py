@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from velcro._fingerprint import structure_fingerprint, weights_fingerprint
-from velcro._shard import Shard
 from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
+from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
-from velcro.sites import find_sites, insert_after_sites, trace
+from velcro.graph import find_sites, insert_after_sites, trace
+from velcro.graph.fingerprint import structure_fingerprint, weights_fingerprint
 from velcro.stats import SiteStats, Stats
 
 if TYPE_CHECKING:

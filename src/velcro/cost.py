@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from velcro.errors import VelcroError
-from velcro.sites import find_sites, trace
+from velcro.graph import find_sites, trace
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from velcro._io import atomic_path
 from velcro.errors import VelcroError
-from velcro.sites import trace
+from velcro.graph import trace
 
 DEFAULT_OPSET = 17
 

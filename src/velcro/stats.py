@@ -133,8 +133,8 @@ class Stats:
 
     def check_model(self, model, *, what: str = "these statistics were") -> None:
         """Raise VelcroError unless ``model`` is the model these statistics came from."""
-        from velcro._fingerprint import structure_fingerprint, weights_fingerprint
-        from velcro.sites import find_sites, trace
+        from velcro.graph import find_sites, trace
+        from velcro.graph.fingerprint import structure_fingerprint, weights_fingerprint
 
         names = [s.name for s in find_sites(trace(model))]
         if structure_fingerprint(model, names) != self.structure:

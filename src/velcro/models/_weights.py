@@ -113,12 +113,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _ignored_keys(model: nn.Module, key: str) -> bool:
-    """Keys of a file that a model without them silently ignores (GoogLeNet aux heads)."""
-    from velcro.models.googlenet import GoogLeNet
-
-    if isinstance(model, GoogLeNet) and model.aux1 is None and model.aux2 is None:
-        return key.startswith(("aux1.", "aux2."))
-    return False
+    """Keys of a file that the model declares it ignores (GoogLeNet without its aux heads
+    lists ``aux1.`` and ``aux2.`` in ``ignored_weight_prefixes``)."""
+    prefixes = tuple(getattr(model, "ignored_weight_prefixes", ()))
+    return bool(prefixes) and key.startswith(prefixes)
 
 
 def _shape(t: torch.Tensor) -> str:

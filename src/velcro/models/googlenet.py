@@ -262,6 +262,11 @@ class GoogLeNet(nn.Module):
                     nn.init.constant_(m.weight, 1)
                     nn.init.constant_(m.bias, 0)
 
+    @property
+    def ignored_weight_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes :func:`velcro.models.load_weights` skips: aux heads this model lacks."""
+        return ("aux1.", "aux2.") if self.aux1 is None and self.aux2 is None else ()
+
     def _transform_input(self, x: Tensor) -> Tensor:
         if self.transform_input:
             x_ch0 = torch.unsqueeze(x[:, 0], 1) * (0.229 / 0.5) + (0.485 - 0.5) / 0.5

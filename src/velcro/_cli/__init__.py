@@ -1,1 +1,0 @@
-"""velcro subcommands, one module each (see velcro.cli)."""

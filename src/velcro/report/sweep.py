@@ -1,0 +1,310 @@
+"""Accuracy against compression-saving ratio, and the papers' tables, from stored curve points.
+
+A sweep evaluates, on a task's validation images, uniform thresholds (every site the same
+T) and searched plans (:func:`velcro.search` on the search split at several tolerances), at
+element (VELCRO) and channel (S-VELCRO) granularity. Each evaluated plan is one *point*; the
+tables and the Figure-2-style plots are computed from the points alone, so they can be
+recomputed from the saved ``points.json`` / ``points.csv``.
+
+Table definitions (per model, task, granularity and method):
+
+- **maximum C at no accuracy loss**: the largest ``saving_ratio`` among points whose
+  validation top-1 is at least the uncompressed model's (``correct >= baseline_correct``);
+  0 when none (C = 0 is the uncompressed model).
+- **zero share**: of the compressed elements of a plan, those whose constant is exactly 0.0
+  (float32 ``==``, no epsilon: a ReLU output whose mean is exactly 0 was 0 on every
+  calibration image). Given at the maximum-C point, and as the range over all points with
+  compressed elements.
+- **largest accuracy gain**: the largest ``accuracy - baseline_accuracy`` among the points,
+  and the C where it happens (ties: the larger C).
+
+Example:
+    >>> result = velcro.sweep(model, stats, val_loader, search_data=search_loader,
+    ...                       model_name="resnet18", task="cats")
+    >>> result.save("sweeps/cats")          # points.json, points.csv, tables.md, curves PNG
+    >>> print(result.markdown())
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from velcro._io import write_text_atomic
+from velcro.apply import apply
+from velcro.errors import VelcroError
+from velcro.evaluate import evaluate
+from velcro.plan import GRANULARITIES, Plan, plan
+from velcro.search import SearchSchedule, search
+from velcro.stats import Stats
+
+__all__ = ["Sweep", "sweep", "zero_elements"]
+
+FORMAT = "velcro.sweep/1"
+THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(11))
+TOLERANCES = (0.0, 0.01, 0.02, 0.05)
+COLUMNS = ("model", "task", "granularity", "method", "setting", "saving_ratio", "accuracy",
+           "correct", "images", "baseline_accuracy", "baseline_correct", "search_accuracy",
+           "compressed_elements", "zero_elements", "zero_share", "evaluations")
+_GROUP = ("model", "task", "granularity", "method")
+
+
+def zero_elements(plan: Plan) -> tuple[int, int]:
+    """``(compressed elements, those whose constant is exactly 0.0)`` over all sites."""
+    compressed = zeros = 0
+    for name, site in plan.sites.items():
+        if site.units.numel() == 0:
+            continue
+        mask = plan.mask(name)
+        compressed += int(mask.sum())
+        zeros += int((site.constant[mask] == 0).sum())
+    return compressed, zeros
+
+
+@dataclass
+class Sweep:
+    """Curve points of one or more models and tasks, and the tables computed from them.
+
+    Attributes:
+        points: one dict per evaluated plan, with the keys of ``COLUMNS``.
+        info: free-form metadata (split sizes, settings).
+    """
+
+    points: list[dict]
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, *sweeps: Sweep) -> Sweep:
+        """One sweep holding the points of all (e.g. several tasks or models)."""
+        return cls([p for s in sweeps for p in s.points],
+                   {"merged": [s.info for s in sweeps]})
+
+    def groups(self) -> dict[tuple, list[dict]]:
+        """Points by (model, task, granularity, method), in first-seen order."""
+        result: dict[tuple, list[dict]] = {}
+        for point in self.points:
+            result.setdefault(tuple(point[k] for k in _GROUP), []).append(point)
+        return result
+
+    def tables(self) -> dict[str, list[dict]]:
+        """The papers' tables (see the module docstring) as rows of plain values."""
+        max_rows, gain_rows, zero_rows = [], [], []
+        for key, points in self.groups().items():
+            row = dict(zip(_GROUP, key, strict=True))
+            lossless = [p for p in points if p["correct"] >= p["baseline_correct"]]
+            best = max(lossless, key=lambda p: p["saving_ratio"], default=None)
+            max_rows.append({
+                **row,
+                "baseline_accuracy": points[0]["baseline_accuracy"],
+                "max_saving_ratio": best["saving_ratio"] if best else 0.0,
+                "accuracy": best["accuracy"] if best else points[0]["baseline_accuracy"],
+                "zero_share": best["zero_share"] if best else None,
+                "setting": best["setting"] if best else None,
+            })
+            gains = [((p["correct"] - p["baseline_correct"]) / p["images"], p["saving_ratio"])
+                     for p in points]
+            gain, at = max(gains)
+            gain_rows.append({**row, "gain": gain, "saving_ratio": at})
+        by_task: dict[tuple, list[dict]] = {}
+        for point in self.points:
+            if point["compressed_elements"] > 0:
+                key = (point["model"], point["task"], point["granularity"])
+                by_task.setdefault(key, []).append(point)
+        for (model, task, granularity), points in by_task.items():
+            shares = [p["zero_share"] for p in points]
+            zero_rows.append({"model": model, "task": task, "granularity": granularity,
+                              "min_zero_share": min(shares), "max_zero_share": max(shares),
+                              "points": len(points)})
+        return {"max_saving_ratio": max_rows, "zero_share": zero_rows,
+                "accuracy_gain": gain_rows}
+
+    def markdown(self) -> str:
+        """The tables as Markdown."""
+        from velcro.report._tables import sweep_tables_markdown
+
+        return sweep_tables_markdown(self.tables())
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        for point in self.points:
+            writer.writerow({k: ("" if point.get(k) is None else point.get(k))
+                             for k in COLUMNS})
+        return buffer.getvalue()
+
+    def plot(self, folder: str | os.PathLike) -> list[Path]:
+        """Figure-2-style PNGs, one per model: top-1 against C, a panel per task."""
+        from velcro.report._plots import sweep_figure
+
+        folder = Path(folder)
+        written = []
+        for model in dict.fromkeys(p["model"] for p in self.points):
+            path = folder / f"curves_{_slug(model)}.png"
+            path.write_bytes(sweep_figure([p for p in self.points if p["model"] == model],
+                                          title=model))
+            written.append(path)
+        return written
+
+    def save(self, folder: str | os.PathLike) -> list[Path]:
+        """Write ``points.json``, ``points.csv``, ``tables.json``, ``tables.md`` and the
+        curves into ``folder`` (created if missing); returns the paths written."""
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VelcroError(f"cannot create sweep folder '{folder}': {exc.strerror}; "
+                              "choose a writable location") from None
+        document = {"format": FORMAT, "info": self.info, "columns": list(COLUMNS),
+                    "points": self.points}
+        files = {
+            "points.json": json.dumps(document, indent=1) + "\n",
+            "points.csv": self.to_csv(),
+            "tables.json": json.dumps(self.tables(), indent=1) + "\n",
+            "tables.md": self.markdown() + "\n",
+        }
+        written = []
+        for name, text in files.items():
+            write_text_atomic(folder / name, text)
+            written.append(folder / name)
+        return written + self.plot(folder)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Sweep:
+        """Read ``points.json`` (or a folder holding it) written by :meth:`save`."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "points.json"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("format") != FORMAT:
+                raise ValueError
+        except FileNotFoundError:
+            raise VelcroError(f"sweep file '{path}' does not exist; run `velcro sweep`") from None
+        except (OSError, ValueError, AttributeError):
+            raise VelcroError(f"'{path}' is not a velcro sweep (points.json from "
+                              "`velcro sweep`)") from None
+        return cls(document["points"], document.get("info", {}))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text)) or "model"
+
+
+def _point(plan: Plan, report, baseline, **fields) -> dict:
+    compressed, zeros = zero_elements(plan)
+    return {
+        **fields,
+        "granularity": plan.granularity,
+        "saving_ratio": plan.saving_ratio,
+        "accuracy": report.accuracy,
+        "correct": report.correct,
+        "images": report.images,
+        "baseline_accuracy": baseline.accuracy,
+        "baseline_correct": baseline.correct,
+        "compressed_elements": compressed,
+        "zero_elements": zeros,
+        "zero_share": zeros / compressed if compressed else 0.0,
+    }
+
+
+def sweep(
+    model: nn.Module,
+    stats: Stats,
+    validation_data: Iterable,
+    *,
+    search_data: Iterable | None = None,
+    model_name: str | None = None,
+    task: str = "task",
+    granularities: Sequence[str] = GRANULARITIES,
+    thresholds: Sequence[float] = THRESHOLDS,
+    tolerances: Sequence[float] = TOLERANCES,
+    task_classes: Sequence[int] | None = None,
+    schedule: SearchSchedule | None = None,
+    budget: int | None = None,
+    progress: bool = True,
+) -> Sweep:
+    """Top-1 on the validation images against C, for uniform and searched plans.
+
+    Args:
+        model: the uncompressed model.
+        stats: its calibration statistics on the task.
+        validation_data: labelled batches of the validation split (re-iterated per point).
+        search_data: labelled batches of the search split; without it only uniform
+            thresholds are swept.
+        model_name, task: labels of the points (tables and plots are per model and task).
+        granularities: ``element`` and/or ``channel``.
+        thresholds: the uniform thresholds.
+        tolerances: the search tolerances (each a searched point per granularity).
+        task_classes: restrict the argmax to these classes, if given.
+        schedule, budget: passed to :func:`velcro.search`.
+        progress: show progress on stderr.
+
+    Returns:
+        A :class:`Sweep`; merge several with :meth:`Sweep.merge`.
+
+    Example:
+        >>> cats = velcro.sweep(model, cats_stats, cats_val, search_data=cats_search,
+        ...                     model_name="resnet18", task="cats")
+        >>> both = Sweep.merge(cats, dogs)
+        >>> both.save("sweeps")
+    """
+    for granularity in granularities:
+        if granularity not in GRANULARITIES:
+            raise VelcroError(f"granularity '{granularity}' is unknown; use 'element' or "
+                              "'channel'")
+    stats.check_model(model)
+    name = model_name or type(model).__name__
+    labels = {"model": name, "task": task}
+    steps = len(granularities) * (len(thresholds) + (len(tolerances) if search_data else 0))
+    bar = tqdm(total=steps + 1, unit="plan", desc=f"sweep {task}", disable=not progress,
+               file=sys.stderr)
+
+    def measure(candidate):
+        return evaluate(candidate, validation_data, task_classes=task_classes, progress=False)
+
+    points = []
+    previous = None
+    with bar:
+        baseline = measure(model)
+        bar.update(1)
+        for granularity in granularities:
+            for threshold in thresholds:
+                uniform = plan(stats, threshold, granularity=granularity)
+                report = measure(apply(model, uniform, check=False))
+                points.append(_point(uniform, report, baseline, **labels, method="uniform",
+                                     setting=float(threshold), search_accuracy=None,
+                                     evaluations=None))
+                bar.update(1)
+            if search_data is None:
+                continue
+            previous = None
+            # the largest tolerance first: its profile holds every point the smaller need
+            for tolerance in sorted(tolerances, reverse=True):
+                result = search(model, stats, search_data, granularity=granularity,
+                                tolerance=tolerance, schedule=schedule, budget=budget,
+                                task_classes=task_classes, reuse=previous, progress=False)
+                previous = result
+                report = measure(apply(model, result.plan, check=False))
+                points.append(_point(result.plan, report, baseline, **labels, method="search",
+                                     setting=float(tolerance),
+                                     search_accuracy=result.search_accuracy,
+                                     evaluations=result.evaluations))
+                bar.update(1)
+    info = {"model": name, "task": task, "stats_images": stats.count,
+            "validation_images": baseline.images,
+            "search_images": previous.search_images if previous is not None else None,
+            "thresholds": list(thresholds), "tolerances": list(tolerances),
+            "torch": torch.__version__}
+    return Sweep(points, info)

@@ -1,0 +1,293 @@
+"""Evaluate candidate plans on the search split, reusing activations that cannot change.
+
+The model is traced once with a ``ConstantReplace`` after every site (the building blocks of
+``velcro.apply``); a candidate only swaps the masks. The graph is run node by node, so a run
+can start at a *cut*: the point just before site k's replacement. Every value computed before
+that cut depends only on the masks of sites 0..k-1, so the live values there (the tensors still
+needed later) are cached per batch, keyed by those sites' unit counts, and any later candidate
+that agrees on them starts there. The cache is a small LRU bounded in megabytes.
+
+In-place ops are made out-of-place in the evaluator's private copy, so cached tensors are never
+overwritten by a later run.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from velcro.apply import ConstantReplace
+from velcro.calibrate import model_device
+from velcro.distributed import process_group
+from velcro.errors import VelcroError
+from velcro.evaluate import _labelled
+from velcro.graph import find_sites, insert_after_sites, site_nodes, trace
+from velcro.search._candidates import Rankings
+
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: F.relu,
+}
+
+
+@dataclass
+class Outcome:
+    """One candidate on the search split: correct images, images, summed cross-entropy."""
+
+    correct: int
+    images: int
+    loss_sum: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.images if self.images else 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.images if self.images else 0.0
+
+
+@dataclass
+class _Entry:
+    position: int  # index into the node list where a run resumes
+    key: tuple[int, ...]  # unit counts of the sites before the cut
+    envs: list[dict]  # per batch: node -> value, the values live at the cut
+    nbytes: int
+
+
+def _out_of_place(gm: fx.GraphModule) -> None:
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            if node.target in _OUT_OF_PLACE:
+                node.target = _OUT_OF_PLACE[node.target]
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method":
+            name = node.target
+            if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
+                node.target = name[:-1]
+    gm.recompile()
+
+
+def _nbytes(env: dict) -> int:
+    return sum(v.element_size() * v.numel() for v in env.values() if isinstance(v, torch.Tensor))
+
+
+class CandidateEvaluator:
+    """Top-1 and cross-entropy of candidate unit counts on fixed, in-memory data.
+
+    Args:
+        model: the uncompressed model.
+        rankings: the search's :class:`Rankings` (site order and constants).
+        data: labelled batches of the search split; held in memory (on the model's device).
+        task_classes: restrict the argmax to these classes, if given.
+        cache_mb: memory for cached activations; 0 turns caching off (per rank).
+        group: a torch.distributed process group (default: torchrun's, if any). Every rank
+            holds all batches (they must come in the same order on each) but runs only
+            batches ``rank, rank + world, ...``; per-batch results are gathered and summed in
+            batch order, so every rank gets the single-process outcome, bit for bit, and
+            all ranks take the same search steps.
+    """
+
+    def __init__(self, model: nn.Module, rankings: Rankings, data, *, task_classes=None,
+                 cache_mb: float = 1024.0, group: dist.ProcessGroup | None = None) -> None:
+        self.rankings = rankings
+        self.group = process_group(group)
+        self.rank, self.world = ((0, 1) if self.group is None else
+                                 (dist.get_rank(self.group), dist.get_world_size(self.group)))
+        self.device = model_device(model)
+        gm = trace(model)
+        sites = find_sites(gm)
+        if [s.name for s in sites] != rankings.names:
+            raise VelcroError("the statistics' sites differ from the model's; calibrate this model")
+        replacers = {
+            r.name: ConstantReplace(torch.zeros(r.shape, dtype=torch.bool), r.source)
+            for r in rankings.sites
+        }
+        insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
+        _out_of_place(gm)
+        self.gm = gm.to(self.device).eval()
+        self.nodes = list(gm.graph.nodes)
+        position = {node: i for i, node in enumerate(self.nodes)}
+        activation = site_nodes(gm, sites)
+        # the replacer is the one user of each site's activation node
+        self.replacer_positions = [
+            position[next(iter(activation[s.name].users))] for s in sites
+        ]
+        self.replacer_site = {p: k for k, p in enumerate(self.replacer_positions)}
+        self.last_use = {}
+        for i, node in enumerate(self.nodes):
+            for arg in node.all_input_nodes:
+                self.last_use[arg] = i
+        self.modules = dict(gm.named_modules())
+        self.masks: list[torch.Tensor | None] = [None] * len(sites)
+        self._mask_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.task_classes = (torch.as_tensor(list(task_classes), device=self.device)
+                             if task_classes else None)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise VelcroError("search needs a model with one input tensor")
+        self.batches = []
+        for item in data:
+            images, labels = _labelled(item)
+            self.batches.append((images.to(self.device), labels.to(self.device)))
+        if not self.batches:
+            raise VelcroError("search data yielded no images; give the search split's images")
+        self.images = sum(int(labels.numel()) for _, labels in self.batches)
+        start = position[placeholders[0]] + 1
+        self.root = _Entry(start, (), [{placeholders[0]: x} for x, _ in self.batches], 0)
+        self.cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.cache_bytes = int(cache_mb * 2**20)
+        self.nodes_run = 0
+
+    def _set_masks(self, counts) -> None:
+        for k, (ranking, count) in enumerate(zip(self.rankings.sites, counts, strict=True)):
+            if count == 0:
+                self.masks[k] = None
+                continue
+            key = (k, count)
+            if key not in self._mask_cache:
+                if len(self._mask_cache) > 4 * len(self.masks):
+                    self._mask_cache.clear()
+                mask = ranking.mask(count, self.rankings.granularity)
+                self._mask_cache[key] = mask.to(self.device)
+            self.masks[k] = self._mask_cache[key]
+
+    def _best_entry(self, counts) -> _Entry:
+        best = self.root
+        for entry in self.cache.values():
+            if entry.position > best.position and tuple(counts[: len(entry.key)]) == entry.key:
+                best = entry
+        if best is not self.root:
+            self.cache.move_to_end((best.position, best.key))
+        return best
+
+    def _run(self, env: dict, start: int, stop: int) -> dict:
+        """Run nodes ``start..stop-1`` on a copy of ``env``; return the env after them."""
+        env = dict(env)
+        self.nodes_run += stop - start
+        for i in range(start, stop):
+            node = self.nodes[i]
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_module":
+                site = self.replacer_site.get(i)
+                if site is not None:
+                    mask = self.masks[site]
+                    module = self.modules[node.target]
+                    value = args[0] if mask is None else torch.where(
+                        mask, module.constant.to(args[0].dtype), args[0])
+                else:
+                    value = self.modules[node.target](*args, **kwargs)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "get_attr":
+                value = self.gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+            elif node.op == "output":
+                return {"output": args[0]}
+            else:
+                raise VelcroError(f"unexpected graph node {node.op} '{node.name}'")
+            env[node] = value
+            for arg in node.all_input_nodes:
+                if self.last_use.get(arg) == i:
+                    env.pop(arg, None)
+            if node not in self.last_use:
+                env.pop(node, None)
+        return env
+
+    def _store(self, entry: _Entry) -> None:
+        if entry.nbytes > self.cache_bytes:
+            return
+        while self.cache and (sum(e.nbytes for e in self.cache.values()) + entry.nbytes
+                              > self.cache_bytes):
+            self.cache.popitem(last=False)
+        self.cache[(entry.position, entry.key)] = entry
+
+    @torch.no_grad()
+    def evaluate(self, counts, reuse_from: int | None = None) -> tuple[Outcome, int | None]:
+        """Evaluate unit counts per site.
+
+        Returns the outcome and the site whose cached inputs the run started from (None: it
+        ran from the images).
+
+        ``reuse_from``: the caller expects more candidates that agree with this one on sites
+        before ``reuse_from``; the live values at that cut are kept for them.
+        """
+        counts = tuple(int(c) for c in counts)
+        self._set_masks(counts)
+        start = self._best_entry(counts)
+        cut = None
+        if reuse_from is not None and self.cache_bytes > 0:
+            position = self.replacer_positions[reuse_from]
+            if position > start.position:
+                cut = _Entry(position, counts[:reuse_from], [], 0)
+        per_batch: list[tuple[int, int, float]] = []  # (batch, correct, cross-entropy sum)
+        try:
+            cut = self._run_batches(start, cut, per_batch)
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+            if self.group is None:
+                raise
+            self._gather(per_batch, exc)
+        if self.group is not None:
+            per_batch = self._gather(per_batch, None)
+        correct, loss_sum = 0, 0.0
+        for _, batch_correct, batch_loss in sorted(per_batch):  # batch order: same float sum
+            correct += batch_correct
+            loss_sum += batch_loss
+        if cut is not None:
+            self._store(cut)
+        return Outcome(correct, self.images, loss_sum), self.replacer_site.get(start.position)
+
+    def _run_batches(self, start: _Entry, cut: _Entry | None, per_batch: list) -> _Entry | None:
+        end = len(self.nodes)
+        for index, (_, labels) in enumerate(self.batches):
+            if index % self.world != self.rank:  # another rank's batch
+                if cut is not None:
+                    cut.envs.append(None)
+                continue
+            env = start.envs[index]
+            position = start.position
+            if cut is not None:
+                env = self._run(env, position, cut.position)
+                position = cut.position
+                cut.envs.append(env)
+                cut.nbytes += _nbytes(env)
+                if cut.nbytes * len(self.batches) > self.cache_bytes * (index + 1):
+                    cut = None  # it would not fit: stop keeping it
+            logits = self._run(env, position, end)["output"]
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise VelcroError("search needs a model that returns (batch, classes) logits")
+            logits = logits.float()
+            if self.task_classes is not None:
+                predicted = self.task_classes[logits[:, self.task_classes].argmax(1)]
+            else:
+                predicted = logits.argmax(1)
+            per_batch.append((index, int((predicted == labels).sum()),
+                              float(F.cross_entropy(logits, labels, reduction="sum"))))
+        return cut
+
+    def _gather(self, per_batch: list, error: Exception | None) -> list:
+        """Every rank's per-batch results (or its error), the same on every rank."""
+        payloads: list = [None] * self.world
+        mine = per_batch if error is None else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(payloads, mine, group=self.group)
+        if error is not None:
+            raise error
+        for peer, payload in enumerate(payloads):
+            if isinstance(payload, str):
+                raise VelcroError(f"rank {peer} failed during the search ({payload})")
+        return [row for payload in payloads for row in payload]

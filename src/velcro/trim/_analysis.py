@@ -1,0 +1,354 @@
+"""The analysis behind ``trim``: which channels are constant, and which must be computed.
+
+Two passes over the traced graph (kinds of node in ``_ops``):
+
+1. forward, constant propagation: for every tensor with a known channel axis, which channels
+   are batch-independent constants and their per-image values. Sites start it (the plan's
+   channels); values are propagated by running each node's own operation on a one-image
+   *probe* that holds the constants (exact for channelwise operations, which never mix
+   channels);
+2. backward, liveness: which channels something downstream reads as computed values. A
+   filter nobody needs is removed; a constant is never computed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from velcro.errors import VelcroError
+from velcro.graph.layers import batchnorm_affine
+from velcro.trim import _ops as ops
+
+
+@dataclass
+class ChannelState:
+    """What trimming knows of one tensor: its channel axis and constant channels.
+
+    Attributes:
+        axis: channel axis of the batched tensor (1 for NCHW, the last for linear outputs).
+        const: bool per channel, True where the channel is a batch-independent constant.
+        value: one-image tensor (batch axis of size 1) holding the constants' values
+            (other channels are zero).
+    """
+
+    axis: int
+    const: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return self.const.numel()
+
+    def mask(self, channels: torch.Tensor) -> torch.Tensor:
+        """``value`` with every channel outside ``channels`` (bool) set to zero."""
+        view = [1] * self.value.dim()
+        view[self.axis] = self.channels
+        return self.value * channels.view(view).to(self.value.dtype)
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> None:
+    """Fold each eval-mode batch-norm into the convolution that alone feeds it (in place)."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target],
+                                                       ops.BATCHNORM_MODULES):
+            continue
+        source = ops.tensor_arg(node)
+        if source is None or source.op != "call_module" or len(source.users) != 1:
+            continue
+        conv, norm = modules[source.target], modules[node.target]
+        if (not isinstance(conv, ops.CONV_MODULES) or calls[source.target] != 1
+                or calls[node.target] != 1 or not norm.track_running_stats):
+            continue
+        fused = copy.copy(conv)  # shares nothing it keeps: weight and bias are replaced
+        fused._parameters = dict(conv._parameters)
+        scale, shift = batchnorm_affine(norm, torch.float64)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
+        view = [-1] + [1] * (conv.weight.dim() - 1)
+        dtype = conv.weight.dtype
+        fused.weight = nn.Parameter((conv.weight.detach().double() * scale.view(view)).to(dtype))
+        fused.bias = nn.Parameter((bias * scale + shift).to(dtype))
+        _set_module(gm, source.target, fused)
+        node.replace_all_uses_with(source)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, module)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps every node's value (batch of one)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        self.values[n] = result.detach().clone() if isinstance(result, torch.Tensor) else result
+        return result
+
+
+@torch.no_grad()
+def record(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, object]:
+    """Every node's value on ``example`` (one image)."""
+    recorder = _Recorder(gm)
+    recorder.run(example)
+    return recorder.values
+
+
+@dataclass
+class Analysis:
+    """The result of both passes.
+
+    Attributes:
+        kinds: node -> kind (``_ops``).
+        states: node -> :class:`ChannelState`, for tensors with a known channel axis.
+        needed: node -> bool per channel: computed values something downstream reads.
+        site_units: site node -> the plan's constant channels there.
+        values: node -> its value on the probe image (shapes, sizes).
+    """
+
+    kinds: dict[fx.Node, str]
+    states: dict[fx.Node, ChannelState]
+    needed: dict[fx.Node, torch.Tensor]
+    site_units: dict[fx.Node, torch.Tensor]
+    values: dict[fx.Node, object]
+
+
+def _axis_of(site_channel_axis: int, ndim: int) -> int:
+    return site_channel_axis + 1 if site_channel_axis >= 0 else ndim + site_channel_axis
+
+
+def _fresh(value: torch.Tensor, axis: int) -> ChannelState:
+    channels = value.shape[axis]
+    return ChannelState(axis, torch.zeros(channels, dtype=torch.bool), torch.zeros_like(value))
+
+
+def _run_on(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, object]) -> torch.Tensor:
+    """Run ``node``'s operation with its inputs taken from ``env`` (clones: ops may be in-place)."""
+    def fetch(n: fx.Node) -> object:
+        value = env[n]
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    args = fx.node.map_arg(node.args, fetch)
+    kwargs = fx.node.map_arg(node.kwargs, fetch)
+    with torch.no_grad():
+        if node.op == "call_module":
+            return gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+def analyse(gm: fx.GraphModule, values: dict[fx.Node, object],
+            site_plans: dict[fx.Node, tuple[torch.Tensor, torch.Tensor, int]]) -> Analysis:
+    """Both passes. ``site_plans``: site node -> (units, constant, plan channel axis)."""
+    kinds: dict[fx.Node, str] = {}
+    states: dict[fx.Node, ChannelState] = {}
+    for node in gm.graph.nodes:
+        kinds[node] = _forward(gm, node, values, states)
+        if node in site_plans:
+            if node not in states:
+                # fed by something trim cannot see through (a grouped or functional conv):
+                # the site is still trimmed here, its input computed in full
+                source = ops.tensor_arg(node)
+                if source is None or not isinstance(values[node], torch.Tensor):
+                    raise VelcroError(
+                        f"site '{node.name}' reads more than one tensor; trim cannot replace "
+                        "its channels (make the activation a single-input call)"
+                    )
+                axis = _axis_of(site_plans[node][2], values[node].dim())
+                states[node] = _fresh(values[node], axis)
+                kinds[node] = "channelwise"
+            _overlay_plan(node, states, site_plans[node], values)
+    needed = _liveness(gm, kinds, states, values)
+    units = {node: plan[0] for node, plan in site_plans.items()}
+    return Analysis(kinds, states, needed, units, values)
+
+
+def _overlay_plan(node: fx.Node, states: dict[fx.Node, ChannelState],
+                  site_plan: tuple[torch.Tensor, torch.Tensor, int],
+                  values: dict[fx.Node, object]) -> None:
+    units, constant, plan_axis = site_plan
+    state = states[node]
+    value = values[node]
+    axis = _axis_of(plan_axis, value.dim())
+    if axis != state.axis or tuple(constant.shape) != tuple(value.shape[1:]):
+        raise VelcroError(
+            f"the plan's site at node '{node.name}' has shape {tuple(constant.shape)} but the "
+            f"model computes {tuple(value.shape[1:])} there; trim with the input size the "
+            "statistics were collected at (input_shape=...)"
+        )
+    chosen = torch.zeros(state.channels, dtype=torch.bool)
+    chosen[units] = True
+    view = [1] * value.dim()
+    view[axis] = state.channels
+    keep = chosen.view(view)
+    state.value = torch.where(keep, constant.unsqueeze(0).to(state.value.dtype), state.value)
+    state.const = state.const | chosen
+
+
+def _forward(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],
+             states: dict[fx.Node, ChannelState]) -> str:
+    value = values.get(node)
+    source = ops.tensor_arg(node)
+    source_state = states.get(source) if source is not None else None
+    ndim = values[source].dim() if source_state is not None else None
+    kind = ops.classify(gm, node, source_state.axis if source_state else None, ndim)
+    if node.op in ("placeholder", "get_attr", "output") or not isinstance(value, torch.Tensor):
+        return "opaque" if kind != "batch_size" else kind
+    if kind == "producer":
+        axis = 1 if isinstance(gm.get_submodule(node.target), ops.CONV_MODULES) else value.dim() - 1
+        state = _fresh(value, axis)
+        if source_state is not None and bool(source_state.const.all()):
+            state.const[:] = True  # every input channel constant: so is every output
+            state.value = _run_on(gm, node, {source: source_state.value})
+        states[node] = state
+    elif kind == "channelwise":
+        state = _fresh(value, source_state.axis)
+        multiple = state.channels // source_state.channels
+        state.const = source_state.const.repeat_interleave(multiple)
+        if state.const.any():
+            state.value = _run_on(gm, node, {source: source_state.value})
+        states[node] = state
+    elif kind == "sum":
+        kind = _forward_sum(gm, node, values, states, value)
+    elif kind == "cat":
+        kind = _forward_cat(node, values, states, value)
+    elif kind == "flatten":
+        spatial = values[source][0, 0].numel()
+        state = _fresh(value, value.dim() - 1)
+        state.const = source_state.const.repeat_interleave(spatial)
+        state.value = source_state.value.reshape(value.shape)
+        states[node] = state
+    return kind
+
+
+def _as_state(node: fx.Node, axis: int, values: dict[fx.Node, object],
+              states: dict[fx.Node, ChannelState]) -> ChannelState:
+    """The state of a tensor operand; one trimming knows nothing of has no constants."""
+    return states[node] if node in states else _fresh(values[node], axis)
+
+
+def _forward_sum(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],
+                 states: dict[fx.Node, ChannelState], value: torch.Tensor) -> str:
+    a, b, _ = ops.sum_operands(node)
+    known = [n for n in (a, b) if n in states]
+    if not known:
+        return "opaque"
+    axis = states[known[0]].axis
+    if any(not isinstance(values[n], torch.Tensor) or values[n].shape != value.shape
+           for n in (a, b)) or any(states[n].axis != axis for n in known):
+        return "opaque"  # broadcasting or mismatched axes: computed on full tensors
+    sa, sb = _as_state(a, axis, values, states), _as_state(b, axis, values, states)
+    state = _fresh(value, axis)
+    state.const = sa.const & sb.const
+    if state.const.any():
+        state.value = _run_on(gm, node, {a: sa.value, b: sb.value})
+    states[node] = state
+    return "sum"
+
+
+def _forward_cat(node: fx.Node, values: dict[fx.Node, object],
+                 states: dict[fx.Node, ChannelState], value: torch.Tensor) -> str:
+    inputs, dim = ops.cat_inputs(node)
+    known = [n for n in inputs if isinstance(n, fx.Node) and n in states]
+    if not known or not all(isinstance(n, fx.Node) for n in inputs):
+        return "opaque"
+    axis = states[known[0]].axis
+    if dim % value.dim() != axis or any(states[n].axis != axis for n in known):
+        return "opaque"
+    parts = [_as_state(n, axis, values, states) for n in inputs]
+    state = _fresh(value, axis)
+    state.const = torch.cat([p.const for p in parts])
+    state.value = torch.cat([p.value for p in parts], axis)
+    states[node] = state
+    return "cat"
+
+
+def _liveness(gm: fx.GraphModule, kinds: dict[fx.Node, str],
+              states: dict[fx.Node, ChannelState],
+              values: dict[fx.Node, object]) -> dict[fx.Node, torch.Tensor]:
+    needed = {node: torch.zeros(state.channels, dtype=torch.bool)
+              for node, state in states.items()}
+
+    def demand(source: fx.Node, channels: torch.Tensor) -> None:
+        if source in needed:
+            needed[source] |= channels & ~states[source].const
+
+    for node in reversed(gm.graph.nodes):
+        kind = kinds[node]
+        if kind == "producer" and node.args and ops.tensor_arg(node) in states:
+            demand(ops.tensor_arg(node), torch.ones_like(needed[ops.tensor_arg(node)]))
+        elif kind == "channelwise":
+            source = ops.tensor_arg(node)
+            if source in needed:
+                multiple = states[node].channels // states[source].channels
+                wanted = needed[node].view(-1, multiple).any(dim=1)
+                demand(source, wanted)
+        elif kind == "sum":
+            a, b, _ = ops.sum_operands(node)
+            demand(a, needed[node])
+            demand(b, needed[node])
+        elif kind == "cat":
+            offset = 0
+            for part in ops.cat_inputs(node)[0]:
+                size = values[part].shape[states[node].axis]
+                demand(part, needed[node][offset:offset + size])
+                offset += size
+        elif kind == "flatten":
+            source = ops.tensor_arg(node)
+            demand(source, needed[node].view(states[source].channels, -1).any(dim=1))
+        elif kind == "batch_size":
+            continue
+        else:  # opaque and output: everything, constants placed
+            for source in node.all_input_nodes:
+                if source in needed:
+                    demand(source, torch.ones_like(needed[source]))
+    return needed
+
+
+# A layout position that holds no channel: padding that keeps channel counts at a multiple
+# of ``channel_multiple`` (its value is meaningless; consumers give it zero weight).
+PAD = -1
+
+
+@dataclass
+class Physical:
+    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``.
+
+    ``layout[i]`` is the channel id stored at position i, or ``PAD``.
+    """
+
+    node: fx.Node | None
+    layout: torch.Tensor
+
+
+def positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
+    """channel id -> position in ``layout`` (-1 where absent)."""
+    where = torch.full((channels,), -1, dtype=torch.int64)
+    valid = layout >= 0
+    where[layout[valid]] = torch.arange(layout.numel())[valid]
+    return where
+
+
+def expand(layout: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The layout after each channel becomes ``multiple`` consecutive ones (padding stays)."""
+    expanded = layout[:, None] * multiple + torch.arange(multiple)
+    expanded[layout < 0] = PAD
+    return expanded.flatten()
