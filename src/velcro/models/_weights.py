@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from velcro._validate import Fields, check_finite
 from velcro.errors import VelcroError
 
 __all__ = ["load_weights", "read_state_dict"]
@@ -54,7 +55,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         The state dict (tensors on the CPU).
 
     Raises:
-        VelcroError: the file is missing, unreadable, holds pickled code or holds no state dict.
+        VelcroError: the file is missing, unreadable, holds pickled code or holds no state dict,
+            or a floating-point tensor holds NaN or Inf (the message names the first key).
 
     Example:
         >>> torch.save(torch.nn.Linear(2, 3).state_dict(), "lin.pt")
@@ -108,6 +110,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"{p} is not a state dict: entries {', '.join(bad[:_SHOW])} are not named tensors; "
             f"{_RESAVE}"
         )
+    fields = Fields(p, "weights file", "use weights from a model whose training did not "
+                    "diverge (every floating-point value finite)")
+    for key, tensor in obj.items():
+        check_finite(tensor, fields, key)
     prefix = "module."
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in obj.items()}
 
