@@ -30,7 +30,8 @@ from velcro._io import atomic_path
 from velcro.errors import VelcroError
 
 # Bounds on what a file may declare; larger is refused before any work.
-MAX_JSON_BYTES = 256 * 2**20  # a split of every ImageNet training image is ~70 MiB
+MAX_JSON_BYTES = 64 * 2**20  # parsed, such a file takes at most a few hundred MiB
+MAX_SPLIT_BYTES = 256 * 2**20  # a split of every ImageNet training image is ~70 MiB
 MAX_JSON_DEPTH = 64  # velcro writes at most ~10 levels
 MAX_INT_DIGITS = 40  # integers beyond 10**40 are never counts or shapes
 MAX_DIMS = 16  # dimensions of a declared tensor shape
@@ -42,6 +43,12 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 def _one_line(text: object, limit: int = 80) -> str:
     text = re.sub(r"\s+", " ", str(text)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """A field path from a file, safe for a one-line message (escapes, bounded length)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -71,7 +78,7 @@ class Fields:
 
     def error(self, field: str, problem: str) -> VelcroError:
         """The error for ``field`` (a path like ``sites[2].units``; "" for the whole file)."""
-        place = f": field '{field}'" if field else ""
+        place = f": field '{_printable(field)}'" if field else ""
         return VelcroError(f"{self.what} '{self.path}'{place} {problem}; {self.fix}")
 
     def foreign(self, problem: str) -> VelcroError:

@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from velcro._io import write_text_atomic
-from velcro._validate import Fields, read_json, show
+from velcro._validate import MAX_SPLIT_BYTES, Fields, read_json, show
 from velcro.errors import VelcroError
 
 FORMAT = "velcro.split/1"
@@ -212,7 +212,7 @@ class Split:
         fields = Fields(path, "split", "`velcro calibrate` writes one")
         if not Path(path).is_file():
             raise fields.error("", "does not exist")
-        document = fields.document(read_json(path, fields), (FORMAT,))
+        document = fields.document(read_json(path, fields, MAX_SPLIT_BYTES), (FORMAT,))
         sets_field = fields.dict(document, "sets")
         if len(sets_field) > MAX_SETS:
             raise fields.error("sets", f"has {len(sets_field)} sets, more than {MAX_SETS}")
