@@ -286,7 +286,8 @@ def build_graph(document: dict, modules: dict, root: dict, fields: Fields) -> fx
         raise fields.error("nodes", "has no output node")
     unused = sorted(set(root) - used)
     if unused:
-        raise fields.error("modules", f"declares {unused[0]!r}, which no node uses")
+        kind = "modules" if unused[0] in modules else "attributes"
+        raise fields.error(f"{kind}.{unused[0]}", "is declared, but no node uses it")
     return graph
 
 
