@@ -67,3 +67,42 @@ def edit_tensors(json_path: Path, change: Callable[[dict], object]) -> None:
 def nested(depth: int) -> str:
     """JSON nested ``depth`` levels deep."""
     return "[" * depth + "]" * depth
+
+
+def sweep_point(**changes):
+    """A valid sweep point (a row of points.json), with ``changes``."""
+    row = {"model": "chain", "task": "cats", "granularity": "channel", "method": "uniform",
+           "setting": 0.3, "saving_ratio": 0.3, "accuracy": 0.75, "correct": 3, "images": 4,
+           "baseline_accuracy": 1.0, "baseline_correct": 4, "search_accuracy": None,
+           "compressed_elements": 10, "zero_elements": 4, "zero_share": 0.4,
+           "evaluations": None}
+    row.update(changes)
+    return row
+
+
+def search_summary(**changes):
+    """A valid search summary (NAME.search.json); ``changes`` by dotted path."""
+    document = {
+        "command": "search", "model": "chain", "task": "cats", "classes": [0, 1],
+        "splits": {"search": 4, "validation": 4}, "plan": None, "stats": None, "cost": None,
+        "granularity": "channel", "objective": "saving_ratio", "objective_value": 0.3,
+        "saving_ratio": 0.3, "tolerance": 0.0, "baseline_accuracy": 0.75,
+        "search_accuracy": 0.75, "search_images": 4, "evaluations": 2, "wall_time_s": 1.5,
+        "thresholds": {"a": 0.3}, "settings": {"evaluations_per_phase": {"profile": 2}},
+        "validation": {"images": 4, "baseline": {"accuracy": 0.5, "correct": 2, "images": 4,
+                                                 "ci95": [0.1, 0.9]},
+                       "compressed": {"accuracy": 0.5, "correct": 2, "images": 4},
+                       "paired": {"difference": 0.0, "ci95": [-0.2, 0.2], "gained": 0,
+                                  "lost": 0}},
+        "trajectory": [{"phase": "baseline", "saving_ratio": 0.0, "accuracy": 0.75,
+                        "feasible": True},
+                       {"phase": "uniform", "saving_ratio": 0.3, "accuracy": 0.75,
+                        "feasible": True}],
+    }
+    for key, value in changes.items():
+        target = document
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[int(parent)] if isinstance(target, list) else target[parent]
+        target[last] = value
+    return document

@@ -113,7 +113,8 @@ class Fields:
         value = obj[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            names = " or ".join(_kind_name(k) for k in kinds)
+            names = "a number" if set(kinds) == {int, float} else " or ".join(
+                _kind_name(k) for k in kinds)
             raise self.error(field, f"must be {names}, not {show(value)}")
         return value
 

@@ -315,7 +315,8 @@ def _sites(document: dict, graph: fx.Graph, fields: Fields) -> dict[str, str | N
     sites = fields.dict(document, "sites", default={})
     names = {node.name for node in graph.nodes}
     for site, node in sites.items():
-        if len(site) > MAX_NAME or node is not None and node not in names:
+        if len(site) > MAX_NAME or node is not None and (not isinstance(node, str)
+                                                          or node not in names):
             raise fields.error(f"sites.{site}", f"names node {show(node)}, not in the graph")
     return dict(sites)
 
