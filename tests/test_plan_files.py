@@ -163,3 +163,29 @@ def test_element_plans_check_their_unit_indices_too(tmp_path):
     assert snapshot(tmp_path) == before
     edit_tensors(path, lambda t: t.__setitem__("units/a", t["units/a"] + 30))  # 36 elements
     assert_refused(lambda: velcro.Plan.load(path), path, "tensors.units/a", "outside [0, 36)")
+
+
+def test_a_fifo_in_place_of_the_tensors_is_refused_without_hanging(saved):
+    import threading
+
+    tensors = saved.with_name(saved.name + ".safetensors")
+    tensors.unlink()
+    os.mkfifo(tensors)
+    outcome = {}
+
+    def load():
+        try:
+            velcro.Plan.load(saved)
+        except Exception as exc:  # noqa: BLE001 - the type is what the test checks
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # blocked reading the FIFO: release it, then fail
+        with open(tensors, "wb"):
+            pass
+        reader.join(timeout=30)
+        pytest.fail("loading hung on a FIFO")
+    assert isinstance(outcome.get("error"), velcro.VelcroError), outcome
+    assert str(saved) in str(outcome["error"]) and "'tensors'" in str(outcome["error"])

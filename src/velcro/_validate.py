@@ -341,6 +341,9 @@ def read_pair(json_path: str | Path, document: dict, fields: Fields) -> dict[str
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise fields.error("tensors_sha256", f"is not a SHA-256 digest: {show(digest)}")
     path = json_path.parent / name
+    if not path.is_file():  # missing, or a FIFO or device that reading would hang on
+        raise fields.error("tensors", f"names '{path}', which does not exist or is not a "
+                           "regular file; keep the .safetensors file beside the JSON")
     try:
         data = path.read_bytes()
     except OSError as exc:
