@@ -273,3 +273,29 @@ def test_models_using_real_models_operations_trim_save_and_load(tmp_path, thresh
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
         if threshold == 0.0:  # nothing removed: the saved model is the original
             torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class SharedWeight(nn.Module):
+    """A convolution called as a module and its weight read directly (functional conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.scale = nn.Parameter(torch.rand(6, 1, 1))
+
+    def forward(self, x):
+        return F.relu(self.conv(x)) + F.conv2d(x, self.conv.weight, padding=1) * self.scale
+
+
+def test_a_parameter_read_through_its_module_and_directly_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = SharedWeight().eval()
+    traced = fx.symbolic_trace(model)
+    assert {n.target for n in traced.graph.nodes if n.op == "get_attr"} == {"conv.weight",
+                                                                             "scale"}
+    velcro.save_trimmed(traced, tmp_path / "shared.json")
+    loaded = velcro.load_trimmed(tmp_path / "shared.json")
+    assert loaded.get_parameter("conv.weight") is loaded.conv.weight  # one tensor, not two
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
