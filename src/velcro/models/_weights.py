@@ -125,6 +125,16 @@ def _ignored_keys(model: nn.Module, key: str) -> bool:
     return bool(prefixes) and key.startswith(prefixes)
 
 
+def _legacy_counter(model: nn.Module, key: str) -> bool:
+    """A batch-norm ``num_batches_tracked`` counter, which files saved before PyTorch 0.4.1
+    lack (the CIFAR ResNet checkpoints); ``load_state_dict`` keeps the model's own then."""
+    owner, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    module = model.get_submodule(owner) if owner else model
+    return isinstance(module, nn.modules.batchnorm._NormBase)
+
+
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
@@ -142,7 +152,9 @@ def load_weights(
     PyTorch files are read with ``torch.load(weights_only=True)``: a file holding pickled code
     is refused, never run. A raw state dict is accepted, or a dict holding one under
     ``"state_dict"`` or ``"model"``; a leading ``"module."`` is stripped. A GoogLeNet built
-    with ``aux_logits=False`` ignores the file's ``aux1.*`` / ``aux2.*`` keys.
+    with ``aux_logits=False`` ignores the file's ``aux1.*`` / ``aux2.*`` keys. A file without
+    batch norm's ``num_batches_tracked`` counters (saved before PyTorch 0.4.1) loads, and the
+    model keeps its counters, as ``load_state_dict`` does.
 
     Args:
         model: the model to fill (in place).
@@ -167,7 +179,7 @@ def load_weights(
     own = model.state_dict()
     arch = type(model).__name__
 
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not _legacy_counter(model, k)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
 
