@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
+from velcro._format import plural
 from velcro._io import write_text_atomic
 from velcro.data import (
     IMAGENET_MEAN,
@@ -331,7 +332,7 @@ def emit(args: argparse.Namespace, summary: dict, lines: list[str]) -> None:
 def skipped_lines(skipped: list[dict[str, str]], limit: int = 5) -> list[str]:
     if not skipped:
         return []
-    lines = [f"skipped {len(skipped)} unreadable image(s):"]
+    lines = [f"skipped {plural(len(skipped), 'unreadable image')}:"]
     lines += [f"  {row['path']}: {row['reason']}" for row in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more (see --json)")
