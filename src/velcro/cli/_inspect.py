@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     common.add_model_options(parser, required=False)
     parser.add_argument("--input-shape", default="3,224,224", metavar="C,H,W",
                         help="input shape for a model's site shapes (default 3,224,224)")
-    common.add_runtime_options(parser, data=False)
+    common.add_runtime_options(parser, data=False, device=False)
     parser.set_defaults(run=run)
 
 
