@@ -37,7 +37,6 @@ from torch import nn
 
 from velcro._format import objective_label, percent, plural
 from velcro._io import write_text_atomic
-from velcro._timing import latency_ms
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.cost import cost
@@ -48,6 +47,7 @@ from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
 from velcro.plan import Plan
 from velcro.report import measure_costs, write_report
+from velcro.report._timing import latency_ms
 from velcro.search import SearchResult, SearchSchedule, search
 from velcro.stats import Stats
 from velcro.trim import trim

@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from velcro._io import atomic_path, write_text_atomic
-from velcro._timing import latency_ms
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 from velcro.report._html import page
 from velcro.report._sections import markdown, sections, with_recorded_info
+from velcro.report._timing import latency_ms
 from velcro.stats import Stats
 
 __all__ = ["measure_costs", "write_report"]

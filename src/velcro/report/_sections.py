@@ -11,6 +11,7 @@ from velcro.evaluate import Report, wilson_interval
 from velcro.plan import Plan
 from velcro.report import _plots as plots
 from velcro.report._tables import Cell, Table, count, interval, pct, points, sweep_tables
+from velcro.report._timing import latency_text
 from velcro.stats import Stats
 
 RECORDED = ("model", "weights", "task", "classes")
@@ -133,8 +134,6 @@ def _cost_section(costs: Mapping, plan: Plan | None, cards: list) -> list:
         rows.append([label, count(o), count(c), pct(1 - c / o if o else 0.0)])
     latency = costs.get("latency_ms")
     if latency:
-        from velcro._timing import latency_text
-
         o, c = latency["original"], latency["compressed"]
         runs = f" over {plural(latency['runs'], 'run')}" if latency.get("runs") else ""
         batch = latency.get("batch")
