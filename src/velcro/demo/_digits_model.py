@@ -32,7 +32,12 @@ RECIPE_VERSION = 1
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the digits model is trained; its hash keys the cache file."""
+    """How the digits model is trained; its hash keys the cache file.
+
+    Example:
+        >>> quick = Recipe(epochs=2, size=16)
+        >>> result = run_demo(recipe=quick, out_dir=None)
+    """
 
     model: str = "resnet18"
     size: int = 32
@@ -44,6 +49,7 @@ class Recipe:
     train_images: int | None = None  # a prefix of the shuffled training split (tests)
 
     def key(self) -> str:
+        """A short hash of everything that decides the trained weights (the cache key)."""
         text = json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -83,6 +83,10 @@ class SearchSchedule:
         refine_rounds: coordinate-ascent rounds; the step starts at 1/levels, halved each.
         profile: profile each site alone first (its cap keeps it out of the uniform
             thresholds and of the ascent beyond what it can take).
+
+    Example:
+        >>> quick = SearchSchedule(levels=4, refine_rounds=1)
+        >>> result = velcro.search(model, stats, search_loader, schedule=quick)
     """
 
     levels: int = 8
@@ -92,6 +96,7 @@ class SearchSchedule:
     profile: bool = True
 
     def to_dict(self) -> dict:
+        """The schedule as plain data (JSON-ready)."""
         return {"levels": self.levels, "uniform_levels": list(self.uniform_levels),
                 "uniform_patience": self.uniform_patience, "refine_rounds": self.refine_rounds,
                 "profile": self.profile}
