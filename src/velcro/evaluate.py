@@ -59,7 +59,7 @@ class Report:
     Example:
         >>> report = velcro.evaluate(model, val_loader, task_classes=[281, 282])
         >>> report
-        Report: top-1 97.50% [94.65%, 98.86%] on 240 images (234 correct)
+        Report: top-1 97.50% [94.65%, 98.85%] on 240 images (234 correct)
           within the 2 task classes: 98.75% [96.39%, 99.57%]
         >>> report.to_dict()["per_class"]["281"]["accuracy"]
         0.975

@@ -81,10 +81,10 @@ class Plan:
     Example:
         >>> plan = velcro.plan(stats, 0.3, granularity="channel")
         >>> plan
-        Plan: channel (S-VELCRO), C 30.00% (compression-saving ratio)
-          1,443 of 4,800 channels replaced at 17 of 17 sites; score variance, constant map
+        Plan: channel (S-VELCRO), C 29.74% (compression-saving ratio)
+          1,171 of 3,904 channels replaced at 17 of 17 sites; score variance, constant map
         >>> round(plan.saving_ratio, 3)
-        0.3
+        0.297
     """
 
     granularity: str
@@ -170,7 +170,7 @@ class Plan:
 
         Example:
             >>> plan.to_dict()["saving_ratio"]
-            0.3
+            0.2974...
         """
         rows = self.summary()
         for row, site in zip(rows, self.sites.values(), strict=True):

@@ -97,7 +97,7 @@ class Sweep:
 
     Example:
         >>> result
-        Sweep: 28 points of 1 model (resnet18) on 1 task (cats)
+        Sweep: 30 points of 1 model (resnet18) on 1 task (cats)
           cats element uniform: max C 30.00% at no loss on the search split, held-out top-1 97.50%
     """
 
