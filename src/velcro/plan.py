@@ -285,8 +285,8 @@ def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str
     elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
         if len(thresholds) != len(names):
             raise VelcroError(
-                f"got {len(thresholds)} thresholds for {len(names)} sites; give one per site "
-                "in site order, a single fraction, or a mapping by site name"
+                f"got {plural(len(thresholds), 'threshold')} for {plural(len(names), 'site')}; "
+                "give one per site in site order, a single fraction, or a mapping by site name"
             )
         values = {name: float(t) for name, t in zip(names, thresholds, strict=True)}
     else:

@@ -75,7 +75,7 @@ def split(
     remainder = total - sum(counts.values())
     if remainder < 1:
         raise VelcroError(
-            f"cannot split {total} images into {', '.join(fractions)} with fractions "
+            f"cannot split {plural(total, 'image')} into {', '.join(fractions)} with fractions "
             f"{_describe(fractions)}: a set would be empty; add images or change the fractions"
         )
     counts[rest] = remainder

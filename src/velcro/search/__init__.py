@@ -380,7 +380,7 @@ def validate(
         shared = set(search_ids) & set(validation_ids)
         if shared:
             raise VelcroError(
-                f"the search and validation splits share {len(shared)} images (e.g. "
+                f"the search and validation splits share {plural(len(shared), 'image')} (e.g. "
                 f"{sorted(map(str, shared))[0]}); carve the search split from non-validation "
                 "images"
             )
