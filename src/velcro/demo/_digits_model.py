@@ -11,7 +11,7 @@ are restored afterwards). Two fresh trainings in different processes give the sa
 bit for bit (tests/demo/test_reproducible.py). CPUs that torch dispatches to different
 kernels (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX-512, ...) may still round
 differently; the cache key records the capability, the torch version and the recipe, so a
-cached file is only reused where a fresh training would give the same bits.
+cached file is never reused across torch versions, kernel families or recipes.
 """
 
 from __future__ import annotations
