@@ -96,8 +96,8 @@ def test_an_accuracy_drop_reads_as_a_drop(fitted, tmp_path, after_correct, tone,
     value, card_tone = cards(paths["html"])["top-1 change (validation)"]
     assert (value, card_tone) == (expected, tone)
     text = paths["html"].read_text(encoding="utf-8")
-    assert re.search(rf'<p class="note {tone}">[^<]*{re.escape(expected)} \(a '
-                     rf'{"drop" if tone == "down" else "gain"}\)', text)
+    assert re.search(rf'<p class="note {tone}">[^<]*{re.escape(expected)}, a '
+                     rf'{"drop" if tone == "down" else "gain"}', text)
     assert f".{tone}::before" in text  # ▼ / ▲ drawn by the style sheet
     markdown = paths["markdown"].read_text(encoding="utf-8")
     assert f"**top-1 change (validation)**: {expected}" in markdown
@@ -171,3 +171,21 @@ def test_the_maximum_c_is_chosen_on_the_search_images_and_reported_held_out():
 def test_cells_without_a_change_carry_no_tone():
     table = sweep_tables(Sweep([_point(0.2, 0.2, 180)]).tables())[0]
     assert table.rows[0][8] == "0.00 pp" and table.rows[0][8].tone == ""
+
+
+def test_reports_given_as_results_are_compared_image_by_image(fitted, tmp_path):
+    task, stats = fitted
+    model = task["model"]
+    plan = velcro.plan(stats, 0.6, granularity="channel")
+    before = velcro.evaluate(model, task["validation"], progress=False)
+    after = velcro.evaluate(velcro.apply(model, plan), task["validation"], progress=False)
+    gained = int((after.hits & ~before.hits).sum())
+    lost = int((before.hits & ~after.hits).sum())
+    paths = write_report({"plan": plan, "baseline": before, "compressed": after},
+                         tmp_path / "p.html")
+    markdown = paths["markdown"].read_text(encoding="utf-8")
+    image = "image" if gained == 1 else "images"
+    assert f"{gained} {image} right only after compression" in markdown
+    image = "image" if lost == 1 else "images"
+    assert f"{lost} {image} right only before" in markdown
+    assert "95% CI [" in markdown

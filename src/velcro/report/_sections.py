@@ -102,15 +102,19 @@ def _accuracy_section(run: Mapping, search: dict | None, cards: list) -> list | 
     parts: list = [Table("Top-1 accuracy (argmax over all classes)",
                          ["model", "top-1", "95% CI (Wilson)", "images"], rows, "lrrr")]
     paired = validation.get("paired") if isinstance(validation, Mapping) else None
+    given = run.get("baseline"), run.get("compressed")
+    if not paired and all(isinstance(r, Report) for r in given) and \
+            given[0].images == given[1].images and bool((given[0].labels == given[1].labels).all()):
+        paired = given[1].paired_difference(given[0])
     if before and after and not paired and before["images"] == after["images"]:
         paired = {"difference": after["accuracy"] - before["accuracy"], "ci95": None}
     if paired:
         change = points(paired["difference"])
         what = {"down": "a drop", "up": "a gain"}.get(change.tone, "no change")
         note = (f"top-1 change, compressed against uncompressed on the same validation "
-                f"images: {change} ({what})")
+                f"images: {change}, {what}")
         if paired.get("ci95"):
-            note += f", 95% CI [{points(paired['ci95'][0])}, {points(paired['ci95'][1])}]"
+            note += f"; 95% CI [{points(paired['ci95'][0])}, {points(paired['ci95'][1])}]"
         if "gained" in paired:
             note += (f"; {plural(paired['gained'], 'image')} right only after compression, "
                      f"{plural(paired['lost'], 'image')} right only before")
