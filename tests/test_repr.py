@@ -173,3 +173,10 @@ def test_sweep_prints_the_maximum_c(pipeline):
     assert f"held-out top-1 {percent(best['accuracy'])}" in text
     assert "3 points" in text
     assert json.loads(json.dumps(result.to_dict()))["points"] == result.points
+
+
+def test_layer_io_prints_shapes():
+    from velcro.hardware.kernels import LayerIO
+
+    seen = LayerIO(torch.zeros(2, 64, 8, 8), None, torch.ones(2, 64, 8, 8))
+    assert short(repr(seen)) == "LayerIO(input 2x64x8x8, residual None, output 2x64x8x8)"

@@ -346,6 +346,10 @@ class LayerIO:
     residual: torch.Tensor | None
     output: torch.Tensor
 
+    def __repr__(self) -> str:  # shapes, not thousands of values
+        shapes = (f"{k} {'x'.join(map(str, v.shape)) if v is not None else None}"
+                  for k, v in vars(self).items())
+        return f"LayerIO({', '.join(shapes)})"
 
 class _Capture(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
