@@ -33,8 +33,11 @@ task's training images.
 
     .venv/bin/python benchmarks/bench_quality.py                       # 3 tasks x 3 seeds
     .venv/bin/python benchmarks/bench_quality.py --tasks 3,8 --seeds 0 --methods velcro,l1
+    .venv/bin/python benchmarks/bench_quality.py --quick   # a tiny model, one task: a check
 
-Prints Markdown tables; writes a PNG plot (--plot) and the raw rows as JSON (--json).
+Prints Markdown tables; writes a PNG plot and the raw rows as JSON into runs/bench/bench_quality/
+(``--out DIR``; ``--update-results``: benchmarks/bench_quality[_split].png and .json, the
+tracked copies; ``--plot``/``--json`` name the files).
 Torch-Pruning is a benchmark-only dependency: ``pip install "torch==2.13.0" torch-pruning``.
 """
 
@@ -48,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+import _bench
 import torch
 from tqdm.auto import tqdm
 
@@ -55,7 +59,7 @@ import velcro
 from velcro.cost import cost
 from velcro.data import digits
 from velcro.demo import _parts as parts
-from velcro.demo._digits_model import trained_model
+from velcro.demo._digits_model import Recipe, trained_model
 from velcro.report import measure_costs
 from velcro.search import SearchSchedule, filter_norm_score, random_score, search
 
@@ -73,9 +77,15 @@ BASELINES = ("l1", "random", "torch-pruning", "torch-pruning-global")
 SCHEDULES = {"demo": SearchSchedule(levels=4, refine_rounds=1), "full": SearchSchedule()}
 
 
-def task_case(task: tuple[int, ...], seed: int, protocol: str, progress: bool) -> dict:
-    split = digits.load(seed=seed)
-    model = trained_model(split, seed=seed, progress=progress).model.eval()
+# --quick: a few hundred images for one epoch, enough to run every step (a weak model)
+QUICK_RECIPE = Recipe(epochs=1, train_images=512)
+
+
+def task_case(task: tuple[int, ...], seed: int, protocol: str, progress: bool,
+              recipe: Recipe | None = None) -> dict:
+    recipe = recipe or Recipe()
+    split = digits.load(seed=seed, size=recipe.size, test_fraction=recipe.test_fraction)
+    model = trained_model(split, seed=seed, recipe=recipe, progress=progress).model.eval()
     task_train = digits.select(split.train, task)
     search_index, calibration_index = digits.split_stratified(task_train.tensors[1], 0.2, seed)
     test = digits.select(split.test, task)
@@ -278,12 +288,28 @@ def main() -> None:
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="demo")
     parser.add_argument("--budget", type=int, default=None,
                         help="most evaluations per search (default: the schedule's)")
-    parser.add_argument("--plot", default="benchmarks/bench_quality.png")
-    parser.add_argument("--json", default=None, help="write the raw rows here")
+    parser.add_argument("--plot", default=None, help="the PNG (default: in the output folder)")
+    parser.add_argument("--json", default=None,
+                        help="the raw rows' JSON (default: in the output folder)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--from-json", default=None,
                         help="summarise and plot rows written earlier by --json, run nothing")
+    _bench.add_options(parser)
     args = parser.parse_args()
+    quick_methods = "velcro,velcro-element,l1"
+    try:
+        import torch_pruning  # noqa: F401  (a bench extra: quick runs it when present)
+
+        quick_methods += ",torch-pruning"
+    except ImportError:
+        pass
+    _bench.quick(args, tasks="3,8", seeds=[0], methods=quick_methods, budget=20)
+    _bench.started("bench_quality", args, f"MACs saved at no held-out loss, tasks {args.tasks}, "
+                   f"seeds {args.seeds}")
+    folder = _bench.output_dir(args, "bench_quality")
+    stem = "bench_quality" + ("_split" if args.protocol == "split" else "")
+    args.plot = args.plot or str(folder / f"{stem}.png")
+    args.json = args.json or str(folder / f"{stem}.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -306,7 +332,8 @@ def main() -> None:
         for seed in args.seeds:
             for task in tasks:
                 torch.set_num_threads(args.threads)
-                case = task_case(digits.parse_task(task), seed, args.protocol, progress=True)
+                case = task_case(digits.parse_task(task), seed, args.protocol, progress=True,
+                                 recipe=QUICK_RECIPE if args.quick else None)
                 torch.set_num_threads(args.threads)
                 baseline_test = correct(case["model"], case["test"])
                 for method in methods:
@@ -334,6 +361,7 @@ def main() -> None:
         print(f"\nplot: {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"raw rows: {args.json}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from velcro._format import percent, plural
 from velcro.calibrate import _total, model_device
 from velcro.distributed import (
     batch_positions,
@@ -51,6 +52,17 @@ class Report:
             (None when no task was given).
         labels: per-image label.
         task_classes: the task's class indices, if given.
+        info: free-form labels (``model``: what was evaluated), kept in :meth:`to_dict`.
+
+    ``print(report)`` shows a short summary; the per-image tensors stay in the attributes.
+
+    Example:
+        >>> report = velcro.evaluate(model, val_loader, task_classes=[281, 282])
+        >>> report
+        Report: top-1 97.50% [94.65%, 98.85%] on 240 images (234 correct)
+          within the 2 task classes: 98.75% [96.39%, 99.57%]
+        >>> report.to_dict()["per_class"]["281"]["accuracy"]
+        0.975
     """
 
     hits: torch.Tensor
@@ -59,12 +71,25 @@ class Report:
     task_classes: list[int] | None = None
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        low, high = self.ci95
+        what = f" of {self.info['model']}" if self.info.get("model") else ""
+        lines = [f"Report{what}: top-1 {percent(self.accuracy)} [{percent(low)}, "
+                 f"{percent(high)}] on {plural(self.images, 'image')} ({self.correct} correct)"]
+        if self.task_hits is not None:
+            low, high = self.task_ci95
+            lines.append(f"  within the {plural(len(self.task_classes or []), 'task class')}: "
+                         f"{percent(self.task_accuracy)} [{percent(low)}, {percent(high)}]")
+        return "\n".join(lines)
+
     @property
     def images(self) -> int:
+        """Number of images evaluated."""
         return int(self.hits.numel())
 
     @property
     def correct(self) -> int:
+        """Number of images whose top-1 prediction is their label."""
         return int(self.hits.sum())
 
     @property
@@ -74,6 +99,7 @@ class Report:
 
     @property
     def ci95(self) -> tuple[float, float]:
+        """95% Wilson interval of :attr:`accuracy`."""
         return wilson_interval(self.correct, self.images)
 
     @property
@@ -85,6 +111,7 @@ class Report:
 
     @property
     def task_ci95(self) -> tuple[float, float] | None:
+        """95% Wilson interval of :attr:`task_accuracy`."""
         if self.task_hits is None:
             return None
         return wilson_interval(int(self.task_hits.sum()), self.images)

@@ -341,7 +341,7 @@ def check_cli(out: Path, workspace: Path, tmp_path: Path, monkeypatch) -> None:
     assert ((out / "cli.stats.split.json").read_text()
             == (alone / "cli.stats.split.json").read_text())
     reports = [json.loads((d / "cli.eval.json").read_text()) for d in (out, alone)]
-    assert reports[0]["original"] == reports[1]["original"]
+    assert reports[0]["evaluated"] == reports[1]["evaluated"]
     assert reports[0]["images"] == reports[1]["images"] == 24
 
 

@@ -101,7 +101,7 @@ def run(tmp_path_factory):
                           "plan": result.plan, "stats": stats, "search": result,
                           "cost": costs, "sweep": curves}, out)
     return {"task": task, "model": model, "stats": stats, "result": result, "paths": paths,
-            "example": example}
+            "example": example, "costs": costs}
 
 
 def test_the_page_is_self_contained_and_every_image_is_a_real_png(run):
@@ -136,7 +136,10 @@ def test_the_tables_hold_the_runs_figures(run):
     assert row(page, "MACs per image")[1:3] == [f"{original.macs:,}", f"{trimmed.macs:,}"]
     assert row(page, "parameters")[1:3] == [f"{original.parameters:,}",
                                             f"{trimmed.parameters:,}"]
-    assert row(page, "latency, ms per batch of 16")
+    latency = row(page, "latency per batch of 16 images (median [IQR] over 3 runs)")
+    spread = run["costs"]["latency_ms"]["spread"]["compressed"]
+    assert latency[2] == (f"{spread['median']:.2f} ms [{spread['q1']:.2f}–"
+                          f"{spread['q3']:.2f}]")
     # the plan per site
     for name, fraction in plan.thresholds().items():
         site_row = row(page, name)

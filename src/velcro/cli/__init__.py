@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from velcro import __version__
 from velcro.distributed import process_group
 from velcro.errors import VelcroError
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="velcro",
         description="Value-locality compression of pretrained CNNs for specialized tasks.",
     )
+    parser.add_argument("--version", action="version", version=f"velcro {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import velcro
+from velcro._format import plural
 from velcro.cli import _common as common
 from velcro.data import Split, split
 from velcro.distributed import is_main
@@ -95,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     }
     counts = ", ".join(f"{n} {name}" for name, n in the_split.counts().items())
     lines = [
-        f"calibrated {type(model).__name__} on {stats.count} images "
+        f"calibrated {type(model).__name__} on {plural(stats.count, 'image')} "
         f"(task {data.task or 'all folders'}; split {counts})",
-        f"{len(stats)} activation sites, {elements:,} elements per image",
+        f"{plural(len(stats), 'activation site')}, {plural(elements, 'element')} per image",
         f"wrote {stats_path}" + (f" and {split_path}" if split_path is not None else ""),
         *common.skipped_lines(skipped),
     ]

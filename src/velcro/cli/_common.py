@@ -16,6 +16,7 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
+from velcro._format import plural
 from velcro._io import write_text_atomic
 from velcro.data import (
     IMAGENET_MEAN,
@@ -62,10 +63,14 @@ def add_model_options(parser: argparse.ArgumentParser, *, required: bool = True)
                        help="classes of a registered model's head (default 1000)")
 
 
-def add_runtime_options(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+def add_runtime_options(parser: argparse.ArgumentParser, *, data: bool = True,
+                        device: bool = True) -> None:
+    """--json and -q; --device where the command runs a model on one; --batch-size and
+    --workers where it reads images (README's table of options says which take which)."""
     group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default="auto",
-                       help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
+    if device:
+        group.add_argument("--device", default="auto",
+                           help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
     if data:
         group.add_argument("--batch-size", type=int, default=32, metavar="N",
                            help="images per batch (default 32)")
@@ -331,7 +336,7 @@ def emit(args: argparse.Namespace, summary: dict, lines: list[str]) -> None:
 def skipped_lines(skipped: list[dict[str, str]], limit: int = 5) -> list[str]:
     if not skipped:
         return []
-    lines = [f"skipped {len(skipped)} unreadable image(s):"]
+    lines = [f"skipped {plural(len(skipped), 'unreadable image')}:"]
     lines += [f"  {row['path']}: {row['reason']}" for row in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more (see --json)")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import velcro
+from velcro._format import plural
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
 from velcro.errors import VelcroError
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "granularity": plan.granularity, "score": plan.score, "constant": plan.constant_kind,
         "saving_ratio": plan.saving_ratio, "sites": plan.summary(),
     }
-    lines = [f"{plan.granularity} plan over {len(plan.sites)} sites: compression-saving "
+    lines = [f"{plan.granularity} plan over {plural(len(plan.sites), 'site')}: compression-saving "
              f"ratio C = {common.percent(plan.saving_ratio)}"]
     if plan_path is not None:
         lines.append(f"wrote {plan_path} (+ {plan_path.name}.safetensors)")
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         before, after = _parameters(model), _parameters(trimmed)
         summary.update({"trimmed": str(trim_path),
                         "parameters": {"original": before, "trimmed": after}})
-        lines.append(f"wrote {trim_path} (+ .safetensors): {after:,} parameters (original "
-                     f"{before:,}, {common.percent(1 - after / before)} fewer)")
+        lines.append(f"wrote {trim_path} (+ .safetensors): {plural(after, 'parameter')} "
+                     f"(the model given: {before:,}, {common.percent(1 - after / before)} fewer)")
     common.emit(args, summary, lines)
     return 0

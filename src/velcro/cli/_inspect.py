@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from velcro._format import plural
 from velcro.cli import _common as common
 from velcro.errors import VelcroError
 
@@ -35,7 +36,7 @@ def add_parser(subparsers) -> None:
     common.add_model_options(parser, required=False)
     parser.add_argument("--input-shape", default="3,224,224", metavar="C,H,W",
                         help="input shape for a model's site shapes (default 3,224,224)")
-    common.add_runtime_options(parser, data=False)
+    common.add_runtime_options(parser, data=False, device=False)
     parser.set_defaults(run=run)
 
 
@@ -95,7 +96,8 @@ def _stats(path: Path) -> tuple[dict, list[str]]:
     summary = {"kind": "stats", "file": str(path), "images": stats.count,
                "structure": stats.structure, "weights": stats.weights, "info": stats.info,
                "sites": rows}
-    lines = [f"{path}: statistics of {len(rows)} sites over {stats.count} images "
+    lines = [f"{path}: statistics of {plural(len(rows), 'site')} over "
+             f"{plural(stats.count, 'image')} "
              f"(model {stats.info.get('model', '?')}, task {stats.info.get('task') or '-'})",
              f"{'site':<32} {'shape':<16} {'var min':>9} {'median':>9} {'max':>9} {'zero':>6}"]
     for row in rows:
@@ -115,7 +117,7 @@ def _plan(path: Path) -> tuple[dict, list[str]]:
                "score": plan.score, "constant": plan.constant_kind,
                "saving_ratio": plan.saving_ratio, "structure": plan.structure,
                "weights": plan.weights, "info": plan.info, "sites": rows}
-    lines = [f"{path}: {plan.granularity} plan over {len(rows)} sites, C = "
+    lines = [f"{path}: {plan.granularity} plan over {plural(len(rows), 'site')}, C = "
              f"{common.percent(plan.saving_ratio)}",
              f"{'site':<32} {'shape':<16} {'threshold':>9} {'chosen':>14}"]
     for row in rows:
@@ -135,7 +137,7 @@ def _weights(path: Path, kind: str, meta: object) -> tuple[dict, list[str]]:
                "elements": parameters, "entries": tensors}
     if meta:
         summary["info"] = meta
-    lines = [f"{path}: {kind}, {len(state)} tensors, {parameters:,} elements"]
+    lines = [f"{path}: {kind}, {plural(len(state), 'tensor')}, {plural(parameters, 'element')}"]
     lines += [f"  {t['key']:<48} {'x'.join(map(str, t['shape'])) or 'scalar':<18} {t['dtype']}"
               for t in tensors[:12]]
     if len(tensors) > 12:
@@ -179,7 +181,8 @@ def _trimmed(path: Path) -> tuple[dict, list[str]]:
     sites = getattr(model, "velcro_sites", None) or {}
     summary = {"kind": "trimmed", "file": str(path), "parameters": parameters,
                "layers": dict(layers.most_common()), "sites": sites}
-    lines = [f"{path}: trimmed model, {parameters:,} parameters, {len(sites)} sites",
+    lines = [f"{path}: trimmed model, {plural(parameters, 'parameter')}, "
+             f"{plural(len(sites), 'site')}",
              "  layers: " + ", ".join(f"{name} x{n}" for name, n in layers.most_common())]
     return summary, lines
 

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--title", help="the page's title")
     parser.add_argument("-o", "--output", required=True, metavar="HTML",
                         help="the HTML file to write (the .md twin goes beside it)")
-    common.add_runtime_options(parser, data=False)
+    common.add_runtime_options(parser, data=False, device=False)
     parser.set_defaults(run=run)
 
 

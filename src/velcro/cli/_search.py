@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from velcro._format import objective_label, plural, points
 from velcro.cli import _common as common
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
@@ -125,19 +126,26 @@ def run(args: argparse.Namespace) -> int:
         written += [paths["html"], paths["markdown"]]
 
     validation = result.validation
+    change = validation["compressed"]["accuracy"] - validation["baseline"]["accuracy"]
     lines = [
-        f"{result.granularity} search on {result.search_images} search images: "
-        f"C = {common.percent(result.saving_ratio)} in {result.evaluations} evaluations "
-        f"({result.wall_time_s:.1f} s)",
+        f"{result.granularity} search on {plural(result.search_images, 'search image')}: "
+        f"C = {common.percent(result.saving_ratio)} in "
+        f"{plural(result.evaluations, 'evaluation')} ({result.wall_time_s:.1f} s)",
+        f"objective (maximised): {objective_label(result.objective)} "
+        f"{common.percent(result.objective_value)}",
         f"search top-1 {common.percent(result.baseline_accuracy)} -> "
-        f"{common.percent(result.search_accuracy)} (tolerance {common.percent(args.tolerance)})",
+        f"{common.percent(result.search_accuracy)} (tolerance "
+        f"{points(args.tolerance).lstrip('+')})",
         f"validation top-1 {common.percent(validation['baseline']['accuracy'])} -> "
-        f"{common.percent(validation['compressed']['accuracy'])} on {validation['images']} "
-        "images never searched on",
+        f"{common.percent(validation['compressed']['accuracy'])} ({points(change)}) on "
+        f"{plural(validation['images'], 'image')} never searched on",
         *[f"wrote {path}" for path in written],
     ]
     if costs is not None:
         saved = 1 - costs["compressed"]["macs"] / max(1, costs["original"]["macs"])
-        lines.insert(3, f"MACs saved {common.percent(saved)}")
+        lines.insert(4, f"MACs saved by the trimmed model: {common.percent(saved)}"
+                     if costs.get("saved_by") == "trimmed model" else
+                     f"MACs saved with hardware that skips single outputs: "
+                     f"{common.percent(saved)} (run densely, an element plan saves none)")
     common.emit(args, {**document, "trajectory": len(result.trajectory)}, lines)
     return 0

@@ -20,6 +20,10 @@ tolerances, at element and channel granularity. Writes into OUTDIR: points.json 
 points.csv (one row per plan), tables.md and tables.json (maximum C at no accuracy loss,
 share of zero constants, largest accuracy gain), curves_MODEL.png and report.html (+ .md).
 
+"Maximum C at no accuracy loss" is chosen on the search images (every plan is evaluated
+there too) and its validation top-1 is held out. A split without a search set chooses on
+the validation images themselves, as the papers did, and the table says so.
+
 example:
   velcro sweep --stats cats.stats.safetensors --stats dogs.stats.safetensors \\
       --model resnet18 --weights resnet18-f37072fd.pth -o sweeps/resnet18
@@ -53,7 +57,8 @@ def add_parser(subparsers) -> None:
     group.add_argument("--tolerances", default=",".join(f"{t:g}" for t in TOLERANCES),
                        metavar="LIST", help="search tolerances (default 0,0.01,0.02,0.05)")
     group.add_argument("--no-search", action="store_true",
-                       help="uniform thresholds only (no search set needed)")
+                       help="uniform thresholds only, no searched plans (the search set, if "
+                            "the split has one, still chooses the maximum C)")
     group.add_argument("--budget", type=int, default=None, metavar="N",
                        help="at most N evaluations per search")
     group.add_argument("--levels", type=int, default=8, metavar="N",
@@ -91,18 +96,21 @@ def run(args: argparse.Namespace) -> int:
         data = common.open_task_data(args)
         task = data.task or stats.info.get("task") or Path(stats_file).name.split(".")[0]
         search_loader = None
-        if not args.no_search:
-            if "search" not in data.split.sets:
-                raise VelcroError(f"split '{args.split}' has no search set; calibrate with "
-                                  "--search-fraction, or give --no-search")
+        if not args.no_search and "search" not in data.split.sets:
+            raise VelcroError(f"split '{args.split}' has no search set; calibrate with "
+                              "--search-fraction, or give --no-search")
+        if "search" in data.split.sets:
             search_loader = common.make_loader(data.folder.subset(data.split["search"]),
                                                args, device)
+        else:
+            common.note(f"split '{args.split}' has no search set: the maximum C at no loss "
+                        "is chosen on the validation images it is reported on")
         validation_loader = common.make_loader(
             data.folder.subset(data.split["validation"]), args, device)
         sweeps.append(sweep(
             model, stats, validation_loader, search_data=search_loader,
             model_name=args.model, task=str(task), granularities=granularities,
-            thresholds=thresholds, tolerances=tolerances,
+            thresholds=thresholds, tolerances=() if args.no_search else tolerances,
             task_classes=data.classes or data.folder.classes,
             schedule=SearchSchedule(levels=args.levels), budget=args.budget,
             progress=common.progress(args)))

@@ -35,7 +35,14 @@ _WNID = re.compile(r"^n\d{8}$")
 
 
 class UnreadableImage(VelcroError):
-    """An image file that Pillow cannot decode (truncated, corrupt, not an image)."""
+    """An image file that Pillow cannot decode (truncated, corrupt, not an image).
+
+    Example:
+        >>> try:
+        ...     image = folder.load_image("n02123045/broken.JPEG")
+        ... except UnreadableImage as error:
+        ...     print(error.path, error.reason)
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")

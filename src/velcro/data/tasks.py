@@ -30,7 +30,13 @@ from velcro.errors import VelcroError
 
 @dataclass(frozen=True)
 class Task:
-    """A specialized task: a name and the class indices whose images it holds."""
+    """A specialized task: a name and the class indices whose images it holds.
+
+    Example:
+        >>> task = get_task("cats")
+        >>> task.name, task.classes
+        ('cats', (281, 282, 283, 284, 285))
+    """
 
     name: str
     classes: tuple[int, ...]

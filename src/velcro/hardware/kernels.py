@@ -34,6 +34,9 @@ from velcro.graph.layers import SiteLayer, batchnorm_affine, site_layers
 from velcro.hardware import _skipconv
 from velcro.plan import Plan
 
+__all__ = ["BACKENDS", "ConvSite", "LayerIO", "SkippingConv", "activation_function", "conv_sites",
+           "layer_io", "skip_conv2d"]
+
 BACKENDS = ("auto", "numba", "torch")
 # Output positions per tile of the numba kernel: a tile's input band (3 rows x 34 columns x
 # 64 channels = 26 KiB for a 3x3 conv on a wide map) stays in L1 while the kernel walks the
@@ -74,7 +77,12 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def activation_function(kind: str):
-    """The torch function of an activation kind (``relu``, ``gelu_tanh``, ...)."""
+    """The torch function of an activation kind (``relu``, ``gelu_tanh``, ...).
+
+    Example:
+        >>> activation_function("relu")(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
     table = {
         "identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
         "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
@@ -278,6 +286,10 @@ class ConvSite:
     Attributes:
         layer: the site's producer, batch-norm, residual and activation nodes.
         kernel: the prepared skipping layer (mask and constants from the plan).
+
+    Example:
+        >>> sites = conv_sites(model, plan)
+        >>> output = sites["layer1.0.relu:0"].kernel(x)
     """
 
     layer: SiteLayer
@@ -323,12 +335,21 @@ def _target(gm: fx.GraphModule, node_name: str) -> str:
 
 @dataclass
 class LayerIO:
-    """What one site's layer sees and yields inside ``velcro.apply(model, plan)``."""
+    """What one site's layer sees and yields inside ``velcro.apply(model, plan)``.
+
+    Example:
+        >>> seen = layer_io(model, plan, images)["layer1.0.relu:0"]
+        >>> seen.input.shape, seen.output.shape
+    """
 
     input: torch.Tensor
     residual: torch.Tensor | None
     output: torch.Tensor
 
+    def __repr__(self) -> str:  # shapes, not thousands of values
+        shapes = (f"{k} {'x'.join(map(str, v.shape)) if v is not None else None}"
+                  for k, v in vars(self).items())
+        return f"LayerIO({', '.join(shapes)})"
 
 class _Capture(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from velcro._format import objective_label, percent, plural, points
 from velcro._io import write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
@@ -82,6 +83,10 @@ class SearchSchedule:
         refine_rounds: coordinate-ascent rounds; the step starts at 1/levels, halved each.
         profile: profile each site alone first (its cap keeps it out of the uniform
             thresholds and of the ascent beyond what it can take).
+
+    Example:
+        >>> quick = SearchSchedule(levels=4, refine_rounds=1)
+        >>> result = velcro.search(model, stats, search_loader, schedule=quick)
     """
 
     levels: int = 8
@@ -91,6 +96,7 @@ class SearchSchedule:
     profile: bool = True
 
     def to_dict(self) -> dict:
+        """The schedule as plain data (JSON-ready)."""
         return {"levels": self.levels, "uniform_levels": list(self.uniform_levels),
                 "uniform_patience": self.uniform_patience, "refine_rounds": self.refine_rounds,
                 "profile": self.profile}
@@ -116,6 +122,17 @@ class SearchResult:
             accuracy, loss, feasible, where the run started.
         settings: the search's settings and cache figures.
         validation: filled by :func:`validate`: the accuracies on the validation split.
+
+    ``print(result)`` shows the headline figures in a few lines; the plan, the trajectory and
+    the memo stay in the attributes, and :meth:`to_dict` gives them as plain data.
+
+    Example:
+        >>> result = velcro.search(model, stats, search_loader, granularity="channel",
+        ...                        objective="macs")
+        >>> result
+        SearchResult: channel plan, C 29.35%, 58 evaluations in 92.7 s
+          objective: MACs in replaced producers 35.09%
+          search split: 200 images, top-1 100.00% -> 100.00% (tolerance 0.00 pp)
     """
 
     plan: Plan
@@ -135,12 +152,35 @@ class SearchResult:
     memo: dict = field(default_factory=dict, repr=False)
     reports: dict = field(default_factory=dict, repr=False)
 
+    def __repr__(self) -> str:
+        lines = [
+            f"SearchResult: {self.granularity} plan, C {percent(self.saving_ratio)}, "
+            f"{plural(self.evaluations, 'evaluation')} in {self.wall_time_s:.1f} s",
+            f"  objective: {objective_label(self.objective)} {percent(self.objective_value)}",
+            f"  search split: {plural(self.search_images, 'image')}, top-1 "
+            f"{percent(self.baseline_accuracy)} -> {percent(self.search_accuracy)} "
+            f"(tolerance {points(self.tolerance).lstrip('+')})",
+        ]
+        if self.validation:
+            before, after = self.validation["baseline"], self.validation["compressed"]
+            lines.append(
+                f"  validation: {plural(self.validation['images'], 'image')}, top-1 "
+                f"{percent(before['accuracy'])} -> {percent(after['accuracy'])} "
+                f"({points(after['accuracy'] - before['accuracy'])})")
+        return "\n".join(lines)
+
     @property
     def granularity(self) -> str:
+        """``element`` or ``channel``: the plan's granularity."""
         return self.plan.granularity
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable summary (the plan itself is saved with ``plan.save``)."""
+        """A JSON-serialisable summary (the plan itself is saved with ``plan.save``).
+
+        Example:
+            >>> result.to_dict()["evaluations"]
+            87
+        """
         return {
             "granularity": self.granularity,
             "objective": self.objective,
@@ -159,7 +199,11 @@ class SearchResult:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_dict` as JSON (atomically)."""
+        """Write :meth:`to_dict` as JSON (atomically).
+
+        Example:
+            >>> result.save("cats.search.json")
+        """
         write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
@@ -336,7 +380,7 @@ def validate(
         shared = set(search_ids) & set(validation_ids)
         if shared:
             raise VelcroError(
-                f"the search and validation splits share {len(shared)} images (e.g. "
+                f"the search and validation splits share {plural(len(shared), 'image')} (e.g. "
                 f"{sorted(map(str, shared))[0]}); carve the search split from non-validation "
                 "images"
             )

@@ -38,6 +38,8 @@ from velcro.plan import Plan
 from velcro.trim import _analysis, _serialize
 from velcro.trim._build import Builder
 
+__all__ = ["load_trimmed", "save_trimmed", "trim"]
+
 
 def trim(
     model: nn.Module,
