@@ -270,7 +270,16 @@ def open_task_data(args: argparse.Namespace) -> TaskData:
             labels = {str(k): int(v) for k, v in mapping.items()}
     folder = ImageFolder(root, classes=classes, class_list=class_list, labels=labels,
                          preprocess=preprocess_from(args))
+    if folder.skipped:
+        note(skipped_entries(folder.root, folder.skipped))
     return TaskData(folder, task, classes, split, class_list)
+
+
+def skipped_entries(root: Path, skipped: dict[str, str], limit: int = 5) -> str:
+    """One line: how many entries of the data folder were left out, the first few and why."""
+    shown = "; ".join(f"'{path}' ({reason})" for path, reason in list(skipped.items())[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} entries of '{root}': {shown}{more}"
 
 
 def make_loader(folder: ImageFolder, args: argparse.Namespace,
