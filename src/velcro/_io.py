@@ -72,6 +72,29 @@ def output_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written into the folder ``path`` (created if missing), or None.
+
+    Checked before the work that fills it: a folder that turns out to be a file, or to sit
+    in an unwritable place, must not be discovered after minutes of computing.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path:
+        if not path.is_dir():
+            return f"'{path}' is a file, not a folder; give a folder to write into"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"folder '{path}' is not writable; choose another location"
+        return None
+    if not existing.is_dir():
+        return f"cannot create folder '{path}': '{existing}' is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create folder '{path}': '{existing}' is not writable"
+    return None
+
+
 def _target_mode(path: Path) -> int:
     """The mode ``open(path, "w")`` would leave: the old file's, else 0666 less the umask."""
     try:

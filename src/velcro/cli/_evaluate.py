@@ -7,6 +7,8 @@ import argparse
 import velcro
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
+from velcro.cli._shapes import check_sites_fit
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 
@@ -40,7 +42,18 @@ def add_parser(subparsers) -> None:
                         help="with --plan, skip evaluating the original model")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the results as JSON")
     common.add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    common.check_data_options(args)
+    files = Files()
+    files.read_model(args)
+    files.read_data(args)
+    files.read("--plan", args.plan, tensors=True)
+    files.write("--output", args.output)
+    return files
 
 
 def _report_line(label: str, report) -> str:
@@ -75,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         folder = folder.subset(data.split[subset])
     elif args.subset != "validation":
         raise VelcroError("--subset needs --split FILE")
-    loader = common.make_loader(folder, args, device)
+    if plan is not None:  # the plan's constants have its images' shape: check one image now
+        check_sites_fit(model, {name: site.shape for name, site in plan.sites.items()},
+                        folder, "--plan", args.plan)
+    loader = common.make_loader(folder, args, device, same_size=plan is not None)
     task_classes = data.classes or folder.classes
     show = common.progress(args)
 

@@ -19,21 +19,22 @@ from velcro.data.tasks import MAX_CLASSES
 MAX_WORKERS = 64  # image-decoding processes
 MAX_LEVELS = 1024  # search profile levels per site (1/1024 of a site is finer than needed)
 MAX_REFINE_ROUNDS = 30  # the step halves each round: 2^-30 of a site is below one unit
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**32 - 1  # what every generator involved (torch, NumPy) takes
 MAX_INPUT_ELEMENTS = 3 * MAX_IMAGE_SIDE * MAX_IMAGE_SIDE  # one image at the largest side
+__all__ = ["MAX_IMAGE_SIDE", "MAX_INPUT_ELEMENTS", "fraction", "integer"]
 
 
-def integer(low: int, high: int) -> Callable[[str], int]:
-    """A whole number in ``[low, high]``."""
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    wanted = f"from {low} to {high}" if high is not None else f"of at least {low}"
 
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
         except ValueError:
             value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"give a whole number from {low} to {high:,}, got '{text}'".replace(",", " "))
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"give a whole number {wanted}, got '{text}'")
         return value
 
     parse.__name__ = "integer"
@@ -61,7 +62,7 @@ def fraction(low: float = 0.0, high: float = 1.0, *, open_low: bool = False,
     return parse
 
 
-POSITIVE = integer(1, 2**31 - 1)
+POSITIVE = integer(1)
 CLASS_COUNT = integer(1, MAX_CLASSES)
 WORKERS = integer(0, MAX_WORKERS)
 IMAGE_SIDE = integer(0, MAX_IMAGE_SIDE)  # 0 turns resizing or cropping off
