@@ -139,3 +139,20 @@ def test_search_refuses_images_of_another_size_than_the_statistics(ws, cli, tmp_
                         ws.weights, "-o", tmp_path / "q.json", *DATA_OPTIONS, *NATIVE),
                    "--crop", "3x24x20")
     assert state(tmp_path) == before
+
+
+def test_evaluate_refuses_images_of_another_size_than_a_trimmed_model(ws, cli, tmp_path, plan):
+    trimmed = tmp_path / "t.json"
+    made = cli("compress", "--stats", plan["stats"], "--thresholds", "0.3", "--granularity",
+               "channel", *TINY, "--weights", ws.weights, "--trim", trimmed, "-o",
+               tmp_path / "c.json", "--no-report")
+    assert made[0] == 0, made[2]
+    data = tmp_path / "turned"
+    make_images(data)
+    for path in sorted(data.rglob("*.png")):
+        with Image.open(path) as image:
+            image.transpose(Image.Transpose.ROTATE_90).save(path)
+    before = state(tmp_path)
+    one_line_error(*cli("evaluate", data, "--model", trimmed, "-o", tmp_path / "e.json",
+                        *DATA_OPTIONS, *NATIVE), "--model", "3x24x20", "3x20x24")
+    assert state(tmp_path) == before

@@ -259,7 +259,8 @@ def check_data_options(args: argparse.Namespace) -> None:
     """The data options that need no image and no model, checked before any work:
     normalisation, sizes, and --classes (a range is bounded before it is expanded)."""
     preprocess_from(args)
-    class_list = read_class_list(args.class_list) if args.class_list else None
+    class_list = (named("--class-list", args.class_list, read_class_list, args.class_list)
+                  if args.class_list else None)
     resolve_task(args.task, args.classes, class_list)
 
 
@@ -269,7 +270,8 @@ def open_task_data(args: argparse.Namespace) -> TaskData:
     root = args.data or (split.root if split else None)
     if not root:
         raise VelcroError("give the image folder DATA (or a --split that records it)")
-    class_list = read_class_list(args.class_list) if args.class_list else None
+    class_list = (named("--class-list", args.class_list, read_class_list, args.class_list)
+                  if args.class_list else None)
     task, classes = resolve_task(args.task, args.classes, class_list)
     labels: object = args.labels
     if split is not None:

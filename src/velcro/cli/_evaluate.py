@@ -8,7 +8,7 @@ import velcro
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
 from velcro.cli._files import Files
-from velcro.cli._shapes import check_sites_fit
+from velcro.cli._shapes import check_input_fits, check_sites_fit
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 
@@ -91,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:  # the plan's constants have its images' shape: check one image now
         check_sites_fit(model, {name: site.shape for name, site in plan.sites.items()},
                         folder, "--plan", args.plan)
-    loader = common.make_loader(folder, args, device, same_size=plan is not None)
+    check_input_fits(model, folder, "--model", args.model)  # a trimmed model's size
+    fixed = plan is not None or getattr(model, "velcro_input_shape", None) is not None
+    loader = common.make_loader(folder, args, device, same_size=fixed)
     task_classes = data.classes or folder.classes
     show = common.progress(args)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class Files:
 def recorded_split(stats: str | os.PathLike | None) -> str | None:
     """The split a statistics file records (best effort: a bad file is reported later, by the
     command that loads it)."""
-    if not stats:
+    if not stats or _special(Path(stats)):  # a FIFO is refused by check(), not read here
         return None
     try:
         from safetensors import safe_open
@@ -93,7 +94,7 @@ def recorded_split(stats: str | os.PathLike | None) -> str | None:
 
 def json_field(path: str | os.PathLike | None, key: str) -> str | None:
     """``document[key]`` of a small JSON file, if it is one (best effort, as above)."""
-    if not path:
+    if not path or _special(Path(path)):  # a FIFO is refused by check(), not read here
         return None
     try:
         with open(path, encoding="utf-8") as handle:
@@ -101,6 +102,14 @@ def json_field(path: str | os.PathLike | None, key: str) -> str | None:
         return value if isinstance(value, str) and value else None
     except Exception:  # noqa: BLE001 - reported later by the command's own loader
         return None
+
+
+def _special(path: Path) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing: the command's own loader says so
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,9 @@ class _Identity:
 
 
 def check(files: Files) -> None:
-    """Refuse, with one line, outputs that are inputs, that name the same file twice, that
-    name a folder, device, FIFO or socket, or whose folder cannot be written.
+    """Refuse, with one line, inputs that are FIFOs, sockets or devices (reading one could
+    wait forever), outputs that are inputs, that name the same file twice, that name a
+    folder, device, FIFO or socket, or whose folder cannot be written.
 
     Raises:
         VelcroError: naming the option(s) and the file.
@@ -133,6 +143,10 @@ def check(files: Files) -> None:
         problem = folder_problem(folder)
         if problem is not None:
             raise VelcroError(f"{option}: {problem}")
+    for option, path in files.reads:
+        if _special(path):  # reading a FIFO waits for a writer that may never come
+            raise VelcroError(f"{option} '{path}' is not a regular file (a FIFO, socket or "
+                              "device); give a file")
     created = [_Identity.of(folder) for _, folder in files.folders]
     inputs = [(option, path, _Identity.of(path)) for option, path in files.reads]
     roots = [_Identity.of(root).resolved for root in files.images]

@@ -64,3 +64,15 @@ def check_sites_fit(model: nn.Module, expected: Mapping[str, tuple[int, ...]],
                 f"{_text(actual)}, but {option} '{path}' holds {_text(wanted)} (made on images "
                 "of another size); set --crop (and --resize) as for calibration"
             )
+
+
+def check_input_fits(model: nn.Module, folder: ImageFolder, option: str, path: object) -> None:
+    """Raise VelcroError unless the folder's first image has the input shape a trimmed model
+    was built for (its constants are folded into maps of that shape)."""
+    wanted = getattr(model, "velcro_input_shape", None)
+    image = _first_image(folder) if wanted else None
+    if image is not None and tuple(image.shape) != tuple(wanted):
+        raise VelcroError(
+            f"{option} '{path}' was trimmed for images of {_text(wanted)}, but these are "
+            f"{_text(image.shape)}; set --crop (and --resize) as for calibration"
+        )

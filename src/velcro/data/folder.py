@@ -78,7 +78,11 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open_regular(path) as handle:  # a FIFO would wait for a writer forever
+            lines = handle.read().decode("utf-8").splitlines()
+    except NotRegular:
+        raise VelcroError(f"class list '{path}' is not a regular file (a FIFO, socket or "
+                          "device); give a text file with one wnid per line") from None
     except FileNotFoundError:
         raise VelcroError(f"class list '{path}' does not exist; give a file with one wnid "
                           "per line in class-index order") from None
