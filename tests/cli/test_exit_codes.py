@@ -18,6 +18,8 @@ import pytest
 from cli_workspace import DATA_OPTIONS, build
 from limited import run_velcro_limited
 
+from velcro.errors import VelcroError
+
 TINY = ["--model", "clitiny:factory"]
 TRIPWIRE_SOURCE = '''
 import os
@@ -216,6 +218,8 @@ def test_demo_checks_its_output_folder_before_the_work(run, tmp_path, monkeypatc
     before = state(tmp_path)
     one_line_error(*run("demo", "--out", blocker / "demo", "-q"), "--out", blocker)
     one_line_error(*run("demo", "--out", blocker, "-q"), "--out", blocker)
+    with pytest.raises(VelcroError, match="a-file' is a file, not a folder"):
+        velcro.demo.run_demo("3,8", out_dir=blocker / "demo", progress=False)  # the API too
     assert state(tmp_path) == before
 
 
