@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from velcro._moments import ShapeChanged
 from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
 from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
@@ -32,7 +33,11 @@ class _Observer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before = self.moments.count
-        self.moments.update(x)
+        try:
+            self.moments.update(x)
+        except ShapeChanged as exc:
+            exc.site = self.site_name
+            raise
         if self.moments.count > before and not torch.isfinite(self.moments.mean).all():
             raise VelcroError(
                 f"site '{self.site_name}' produced NaN or inf activations during calibration; "
@@ -76,6 +81,21 @@ def _total(data: Iterable, max_images: int | None) -> int | None:
     if max_images is not None:
         return min(total, max_images) if total is not None else max_images
     return total
+
+
+def _mixed_sizes(exc: ShapeChanged, first: tuple[int, ...],
+                 now: tuple[int, ...]) -> VelcroError:
+    def text(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape))
+
+    images = (f"the calibration images are of two sizes ({text(first)} and {text(now)})"
+              if first != now else "the activations changed size")
+    return VelcroError(
+        f"site '{getattr(exc, 'site', '?')}' saw activations of {text(exc.after)} after "
+        f"{exc.count} images of {text(exc.before)}: {images}; statistics are per element, "
+        "so every image needs one size: give --crop (and --resize) on the command line, or "
+        "resize the images to one size in your loader"
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -137,10 +157,14 @@ def calibrate(
                disable=not progress, file=sys.stderr, leave=False)
 
     def observe() -> int:
-        images = 0
+        images, first = 0, None
         with bar:
             for batch in batches(data, max_images):
-                gm(batch.to(device, non_blocking=True))
+                first = first or tuple(batch.shape[1:])
+                try:
+                    gm(batch.to(device, non_blocking=True))
+                except ShapeChanged as exc:
+                    raise _mixed_sizes(exc, first, tuple(batch.shape[1:])) from None
                 images += batch.shape[0]
                 bar.update(batch.shape[0])
         return images

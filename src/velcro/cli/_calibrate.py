@@ -7,7 +7,10 @@ from pathlib import Path
 
 import velcro
 from velcro._format import plural
+from velcro._io import atomic_group
 from velcro.cli import _common as common
+from velcro.cli import _values as values
+from velcro.cli._files import Files
 from velcro.data import Split, split
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
@@ -35,13 +38,16 @@ def add_parser(subparsers) -> None:
                        help="statistics file to write (.safetensors)")
     group.add_argument("--split-out", metavar="FILE",
                        help="where to save the new split (default: STATS with .split.json)")
-    group.add_argument("--calibration-fraction", type=float, default=0.02, metavar="F",
+    group.add_argument("--calibration-fraction", type=values.fraction(open_low=True,
+                                                                      open_high=True),
+                       default=0.02, metavar="F",
                        help="share of the task's images used for calibration (default 0.02)")
-    group.add_argument("--search-fraction", type=float, default=0.0, metavar="F",
+    group.add_argument("--search-fraction", type=values.fraction(open_high=True), default=0.0,
+                       metavar="F",
                        help="share set aside for a threshold search (default 0)")
-    group.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    group.add_argument("--seed", type=values.SEED, default=0, help="split seed (default 0)")
     common.add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
 
 
 def _split_path(args: argparse.Namespace) -> Path:
@@ -49,6 +55,22 @@ def _split_path(args: argparse.Namespace) -> Path:
         return Path(args.split_out)
     out = Path(args.output)
     return out.with_name(out.name.removesuffix(".safetensors") + ".split.json")
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    if not args.split and args.calibration_fraction + args.search_fraction >= 1:
+        raise VelcroError(f"--calibration-fraction {args.calibration_fraction:g} and "
+                          f"--search-fraction {args.search_fraction:g} leave no validation "
+                          "images; make their sum less than 1")
+    common.check_data_options(args)
+    files = Files()
+    files.read_model(args)
+    files.read_data(args)
+    files.write("--output", args.output)
+    if not args.split:
+        files.write("--split-out", _split_path(args))
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
         "preprocess": folder.preprocess.to_dict(), "skipped": skipped,
     })
     if is_main():  # under torchrun every rank holds the same merged stats; one writes
-        stats.save(stats_path)
-        if split_path is not None:
-            the_split.save(split_path)
+        with atomic_group():  # both files, or neither: no statistics without their split
+            stats.save(stats_path)
+            if split_path is not None:
+                the_split.save(split_path)
 
     elements = sum(s.mean.numel() for s in stats.sites.values())
     summary = {

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from velcro._format import plural
-from velcro._io import write_text_atomic
+from velcro._io import output_problem, write_text_atomic
+from velcro.cli import _values as values
 from velcro.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -59,7 +60,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, required: bool = True)
     group.add_argument("--weights", metavar="FILE",
                        help="state-dict file (.safetensors, or .pt/.pth read without running "
                             "pickled code), e.g. torchvision's resnet18-f37072fd.pth")
-    group.add_argument("--num-classes", type=int, default=None, metavar="N",
+    group.add_argument("--num-classes", type=values.CLASS_COUNT, default=None, metavar="N",
                        help="classes of a registered model's head (default 1000)")
 
 
@@ -72,9 +73,10 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, data: bool = True,
         group.add_argument("--device", default="auto",
                            help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
     if data:
-        group.add_argument("--batch-size", type=int, default=32, metavar="N",
+        group.add_argument("--batch-size", type=values.POSITIVE, default=32, metavar="N",
                            help="images per batch (default 32)")
-        group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+        group.add_argument("--workers", type=values.WORKERS,
+                           default=min(4, os.cpu_count() or 1),
                            metavar="N", help="image-decoding worker processes (0: none)")
     group.add_argument("--json", action="store_true",
                        help="print the summary as JSON on stdout")
@@ -95,15 +97,15 @@ def add_data_options(parser: argparse.ArgumentParser, *, split_help: str) -> Non
     group.add_argument("--labels", default="auto", choices=LABEL_MODES,
                        help="how class folders map to class indices (default auto)")
     group.add_argument("--split", metavar="FILE", help=split_help)
-    group.add_argument("--resize", type=int, default=256, metavar="PX",
+    group.add_argument("--resize", type=values.IMAGE_SIDE, default=256, metavar="PX",
                        help="shorter side after resizing (default 256; 0: no resize)")
-    group.add_argument("--crop", type=int, default=224, metavar="PX",
+    group.add_argument("--crop", type=values.IMAGE_SIDE, default=224, metavar="PX",
                        help="center-crop size (default 224; 0: no crop)")
     group.add_argument("--mean", default=",".join(map(str, IMAGENET_MEAN)), metavar="R,G,B",
                        help="normalisation mean (default ImageNet's)")
     group.add_argument("--std", default=",".join(map(str, IMAGENET_STD)), metavar="R,G,B",
                        help="normalisation std (default ImageNet's)")
-    group.add_argument("--max-images", type=int, default=None, metavar="N",
+    group.add_argument("--max-images", type=values.POSITIVE, default=None, metavar="N",
                        help="use at most N images")
 
 
@@ -258,13 +260,23 @@ def preprocess_from(args: argparse.Namespace) -> Preprocess:
                       mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"))
 
 
+def check_data_options(args: argparse.Namespace) -> None:
+    """The data options that need no image and no model, checked before any work:
+    normalisation, sizes, and --classes (a range is bounded before it is expanded)."""
+    preprocess_from(args)
+    class_list = (named("--class-list", args.class_list, read_class_list, args.class_list)
+                  if args.class_list else None)
+    resolve_task(args.task, args.classes, class_list)
+
+
 def open_task_data(args: argparse.Namespace) -> TaskData:
     """The task's image folder from DATA, --task/--classes, --class-list and --split."""
     split = Split.load(args.split) if args.split else None
     root = args.data or (split.root if split else None)
     if not root:
         raise VelcroError("give the image folder DATA (or a --split that records it)")
-    class_list = read_class_list(args.class_list) if args.class_list else None
+    class_list = (named("--class-list", args.class_list, read_class_list, args.class_list)
+                  if args.class_list else None)
     task, classes = resolve_task(args.task, args.classes, class_list)
     labels: object = args.labels
     if split is not None:
@@ -275,30 +287,34 @@ def open_task_data(args: argparse.Namespace) -> TaskData:
             labels = {str(k): int(v) for k, v in mapping.items()}
     folder = ImageFolder(root, classes=classes, class_list=class_list, labels=labels,
                          preprocess=preprocess_from(args))
+    if folder.skipped:
+        note(skipped_entries(folder.root, folder.skipped))
     return TaskData(folder, task, classes, split, class_list)
 
 
-def make_loader(folder: ImageFolder, args: argparse.Namespace,
-                device: torch.device) -> ImageLoader:
+def skipped_entries(root: Path, skipped: dict[str, str], limit: int = 5) -> str:
+    """One line: how many entries of the data folder were left out, the first few and why."""
+    shown = "; ".join(f"'{path}' ({reason})" for path, reason in list(skipped.items())[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return f"skipped {len(skipped)} entries of '{root}': {shown}{more}"
+
+
+def make_loader(folder: ImageFolder, args: argparse.Namespace, device: torch.device, *,
+                same_size: bool = True) -> ImageLoader:
+    """Batches of ``folder``; with ``same_size`` (statistics and plans are per element) an
+    image of another size than the first is one clear error, not wrong numbers."""
     return ImageLoader(folder, batch_size=args.batch_size, workers=args.workers,
-                       pin_memory=device.type == "cuda")
+                       pin_memory=device.type == "cuda", same_size=same_size)
 
 
 # ---- outputs ---------------------------------------------------------------------------
 
 def check_output(path: str | os.PathLike, option: str) -> Path:
     """Fail now, not after an hour of work, if ``path`` cannot be written."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise VelcroError(f"{option} '{path}' is a folder; give a file name")
-    if not parent.is_dir():
-        raise VelcroError(f"{option}: cannot write '{path}': folder '{parent}' does not exist; "
-                          "create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise VelcroError(f"{option}: cannot write '{path}': folder '{parent}' is not "
-                          "writable; choose another location")
-    return path
+    problem = output_problem(path)
+    if problem is not None:
+        raise VelcroError(f"{option}: {problem}")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, document: dict) -> None:
@@ -344,13 +360,17 @@ def skipped_lines(skipped: list[dict[str, str]], limit: int = 5) -> list[str]:
 
 
 def parse_shape(text: str, option: str = "--input-shape") -> tuple[int, ...]:
-    """``3,224,224`` -> ``(3, 224, 224)``."""
+    """``3,224,224`` -> ``(3, 224, 224)``, at most one image at the largest side."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1:
         raise VelcroError(f"{option} '{text}' is not a shape such as 3,224,224")
+    if math.prod(shape) > values.MAX_INPUT_ELEMENTS:
+        raise VelcroError(f"{option} '{text}' is {math.prod(shape):,} values per image, more "
+                          f"than {values.MAX_INPUT_ELEMENTS:,} (3 x {values.MAX_IMAGE_SIDE}^2); "
+                          "give the model's input shape")
     return shape
 
 

@@ -9,8 +9,10 @@ import torch
 
 import velcro
 from velcro._format import plural
+from velcro._io import atomic_group
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
 from velcro.errors import VelcroError
 from velcro.plan import CONSTANTS, GRANULARITIES, SCORES, Plan, resolve_thresholds
 from velcro.stats import Stats
@@ -56,7 +58,24 @@ def add_parser(subparsers) -> None:
                         help="write no HTML/Markdown report beside the plan")
     common.add_model_options(parser, required=False)
     common.add_runtime_options(parser, data=False)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The files read and written, checked before any work."""
+    files = Files()
+    files.read_model(args)
+    files.read("--stats", args.stats)
+    files.read("--plan", args.plan, tensors=True)
+    if args.thresholds is not None and Path(args.thresholds.strip()).is_file():
+        files.read("--thresholds", args.thresholds.strip())
+    files.write("--output", args.output, tensors=True)
+    if args.output and not args.no_report:
+        base = common.output_base(Path(args.output))
+        files.write("--output", base.with_name(base.name + ".report.html"))
+        files.write("--output", base.with_name(base.name + ".report.md"))
+    files.write("--trim", args.trim, tensors=True)
+    return files
 
 
 def parse_thresholds(text: str, names: list[str]) -> dict[str, float]:
@@ -168,13 +187,14 @@ def run(args: argparse.Namespace) -> int:
     trimmed = None
     if trim_path is not None:
         trimmed = common.velcro_api("trim")(model, plan)
-    if trimmed is not None:  # first: it refuses graphs it cannot describe safely
-        common.velcro_api("save_trimmed")(trimmed, trim_path)
     reports = []
-    if plan_path is not None:
-        plan.save(plan_path)
-        if not args.no_report:
-            reports = _write_report(args, plan, stats, model, trimmed, plan_path)
+    with atomic_group():  # every file of the command, or none
+        if trimmed is not None:  # first: it refuses graphs it cannot describe safely
+            common.velcro_api("save_trimmed")(trimmed, trim_path)
+        if plan_path is not None:
+            plan.save(plan_path)
+            if not args.no_report:
+                reports = _write_report(args, plan, stats, model, trimmed, plan_path)
 
     summary = {
         "command": "compress", "plan": str(plan_path or args.plan),

@@ -9,6 +9,8 @@ import velcro
 from velcro._format import plural, points
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
+from velcro.cli._shapes import check_input_fits, check_sites_fit
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 
@@ -45,7 +47,18 @@ def add_parser(subparsers) -> None:
                         help="with --plan, skip evaluating the original model")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the results as JSON")
     common.add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    common.check_data_options(args)
+    files = Files()
+    files.read_model(args)
+    files.read_data(args)
+    files.read("--plan", args.plan, tensors=True)
+    files.write("--output", args.output)
+    return files
 
 
 def model_label(spec: str) -> str:
@@ -87,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
         folder = folder.subset(data.split[subset])
     elif args.subset != "validation":
         raise VelcroError("--subset needs --split FILE")
-    loader = common.make_loader(folder, args, device)
+    if plan is not None:  # the plan's constants have its images' shape: check one image now
+        check_sites_fit(model, {name: site.shape for name, site in plan.sites.items()},
+                        folder, "--plan", args.plan)
+    check_input_fits(model, folder, "--model", args.model)  # a trimmed model's size
+    fixed = plan is not None or getattr(model, "velcro_input_shape", None) is not None
+    loader = common.make_loader(folder, args, device, same_size=fixed)
     task_classes = data.classes or folder.classes
     show = common.progress(args)
 

@@ -10,6 +10,7 @@ import torch
 import velcro
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 
@@ -37,7 +38,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-check", action="store_true",
                         help="do not compare onnxruntime's outputs with PyTorch's")
     common.add_runtime_options(parser, data=False)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    common.parse_shape(args.input_shape)
+    files = Files()
+    files.read_model(args)
+    files.read("--plan", args.plan, tensors=True)
+    files.write("--output", args.output)
+    return files
 
 
 def _onnxruntime_difference(path, example: torch.Tensor, expected: torch.Tensor) -> float | None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from velcro._format import objective_label, plural, points
+from velcro._io import atomic_group
 from velcro.cli import _common as common
+from velcro.cli import _values as values
+from velcro.cli._files import Files, recorded_split
+from velcro.cli._shapes import check_sites_fit
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
 from velcro.plan import GRANULARITIES
@@ -41,16 +46,16 @@ def add_parser(subparsers) -> None:
                        help="statistics from `velcro calibrate`")
     group.add_argument("--granularity", default="element", choices=GRANULARITIES,
                        help="element (VELCRO) or channel (S-VELCRO); default element")
-    group.add_argument("--tolerance", type=float, default=0.0, metavar="F",
+    group.add_argument("--tolerance", type=values.fraction(), default=0.0, metavar="F",
                        help="top-1 loss allowed on the search images, as a fraction "
                             "(0.01 = one point; default 0)")
     group.add_argument("--objective", default="saving_ratio", choices=OBJECTIVES,
                        help="what to maximise (default saving_ratio, the papers' C)")
-    group.add_argument("--budget", type=int, default=None, metavar="N",
+    group.add_argument("--budget", type=values.POSITIVE, default=None, metavar="N",
                        help="at most N candidate evaluations (default: the schedule's length)")
-    group.add_argument("--levels", type=int, default=8, metavar="N",
+    group.add_argument("--levels", type=values.LEVELS, default=8, metavar="N",
                        help="profile levels per site (default 8)")
-    group.add_argument("--refine-rounds", type=int, default=3, metavar="N",
+    group.add_argument("--refine-rounds", type=values.REFINE_ROUNDS, default=3, metavar="N",
                        help="refinement rounds (default 3)")
     group = parser.add_argument_group("output")
     group.add_argument("-o", "--output", required=True, metavar="PLAN",
@@ -59,17 +64,37 @@ def add_parser(subparsers) -> None:
     group.add_argument("--latency", action="store_true",
                        help="time the uncompressed and trimmed models for the report")
     common.add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def _outputs(plan_path: Path, report: bool) -> tuple[Path, ...]:
+    """The summary and report written beside the plan: NAME.search.json, NAME.report.*."""
+    base = common.output_base(plan_path)
+    names = [".search.json", *([".report.html", ".report.md"] if report else [])]
+    return tuple(base.with_name(base.name + suffix) for suffix in names)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    common.check_data_options(args)
+    files = Files()
+    files.read_model(args)
+    files.read("--stats", args.stats)
+    if not args.split:  # the split the statistics record is read too
+        recorded = recorded_split(args.stats)
+        files.read("--stats (the split it records)", recorded)
+        files.read_data(argparse.Namespace(**{**vars(args), "split": recorded}))
+    else:
+        files.read_data(args)
+    files.write("--output", args.output, tensors=True)
+    for path in _outputs(Path(args.output), report=not args.no_report):
+        files.write("--output", path)
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
     plan_path = common.check_output(args.output, "--output")
-    base = common.output_base(plan_path)
-    summary_path = base.with_name(base.name + ".search.json")
-    report_path = base.with_name(base.name + ".report.html")
-    if args.tolerance < 0 or args.tolerance > 1:
-        raise VelcroError(f"--tolerance {args.tolerance} is out of range; give a fraction "
-                          "in [0, 1]")
+    summary_path, report_path = _outputs(plan_path, report=True)[:2]
     stats = Stats.load(args.stats)
     if not args.split:
         args.split = stats.info.get("split")
@@ -83,9 +108,12 @@ def run(args: argparse.Namespace) -> int:
         raise VelcroError(f"split '{args.split}' has no search set; calibrate with "
                           "--search-fraction (e.g. 0.2) to carve one from the non-validation "
                           "images")
+    search_folder = data.folder.subset(data.split["search"])
+    check_sites_fit(model, {name: site.shape for name, site in stats.sites.items()},
+                    search_folder, "--stats", args.stats)
     show = common.progress(args)
     task_classes = data.classes or data.folder.classes
-    search_loader = common.make_loader(data.folder.subset(data.split["search"]), args, device)
+    search_loader = common.make_loader(search_folder, args, device)
     validation_loader = common.make_loader(data.folder.subset(data.split["validation"]), args,
                                            device)
     result = search(model, stats, search_loader, granularity=args.granularity,
@@ -99,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     if not is_main():  # under torchrun: the ranks shared the evaluations; rank 0 reports
         return 0
     result.plan.info.update({"stats": str(args.stats), "split": str(args.split)})
-    result.plan.save(plan_path)
-
     costs = None
     example = next(iter(validation_loader))[0][: args.batch_size].to(device)
     try:
@@ -116,14 +142,17 @@ def run(args: argparse.Namespace) -> int:
         "plan": str(plan_path), "cost": costs,
     }
     document = {**run_info, **result.to_dict()}
-    common.write_json(summary_path, document)
     written = [plan_path, summary_path]
-    if not args.no_report:
-        from velcro.report import write_report
+    with atomic_group():  # the plan, its summary and its report appear together
+        result.plan.save(plan_path)
+        common.write_json(summary_path, document)
+        if not args.no_report:
+            from velcro.report import write_report
 
-        paths = write_report({**run_info, "splits": data.split.counts(), "plan": result.plan,
-                              "stats": stats, "search": result}, report_path)
-        written += [paths["html"], paths["markdown"]]
+            paths = write_report({**run_info, "splits": data.split.counts(),
+                                  "plan": result.plan, "stats": stats, "search": result},
+                                 report_path)
+            written += [paths["html"], paths["markdown"]]
 
     validation = result.validation
     change = validation["compressed"]["accuracy"] - validation["baseline"]["accuracy"]

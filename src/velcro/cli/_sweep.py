@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from velcro._io import atomic_group
 from velcro.cli import _common as common
+from velcro.cli import _values as values
+from velcro.cli._files import Files, recorded_split
+from velcro.cli._shapes import check_sites_fit
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
 from velcro.plan import GRANULARITIES
@@ -59,17 +63,41 @@ def add_parser(subparsers) -> None:
     group.add_argument("--no-search", action="store_true",
                        help="uniform thresholds only, no searched plans (the search set, if "
                             "the split has one, still chooses the maximum C)")
-    group.add_argument("--budget", type=int, default=None, metavar="N",
+    group.add_argument("--budget", type=values.POSITIVE, default=None, metavar="N",
                        help="at most N evaluations per search")
-    group.add_argument("--levels", type=int, default=8, metavar="N",
+    group.add_argument("--levels", type=values.LEVELS, default=8, metavar="N",
                        help="search profile levels per site (default 8)")
     group.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                        help="folder to write the points, tables, curves and report into")
     common.add_runtime_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
 
 
-def run(args: argparse.Namespace) -> int:
+# what Sweep.save and the report write into OUTDIR (besides one curves_MODEL.png per model)
+WRITTEN = ("points.json", "points.csv", "tables.json", "tables.md", "report.html",
+           "report.md")
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written: OUTDIR is
+    checked now, not after minutes of evaluations."""
+    _options(args)
+    common.check_data_options(args)
+    files = Files()
+    files.read_model(args)
+    for stats_file in args.stats:
+        files.read("--stats", stats_file)
+        split = args.split or recorded_split(stats_file)
+        files.read("--split" if args.split else "--stats (the split it records)", split)
+        files.read_data(argparse.Namespace(**{**vars(args), "split": split}))
+    out = Path(args.output)
+    files.folders.append(("--output", out))
+    for name in WRITTEN:
+        files.write("--output", out / name)
+    return files
+
+
+def _options(args: argparse.Namespace) -> tuple[list[str], list[float], list[float]]:
     granularities = [g.strip() for g in args.granularity.split(",") if g.strip()]
     bad = [g for g in granularities if g not in GRANULARITIES]
     if bad or not granularities:
@@ -80,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     if args.split and len(args.stats) > 1:
         raise VelcroError("--split goes with one --stats; with several, each uses the split "
                           "it records")
+    return granularities, thresholds, tolerances
+
+
+def run(args: argparse.Namespace) -> int:
+    granularities, thresholds, tolerances = _options(args)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise VelcroError(f"--output '{out}' is a file; give a folder")
@@ -105,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             common.note(f"split '{args.split}' has no search set: the maximum C at no loss "
                         "is chosen on the validation images it is reported on")
-        validation_loader = common.make_loader(
-            data.folder.subset(data.split["validation"]), args, device)
+        validation_folder = data.folder.subset(data.split["validation"])
+        check_sites_fit(model, {name: site.shape for name, site in stats.sites.items()},
+                        validation_folder, "--stats", stats_file)
+        validation_loader = common.make_loader(validation_folder, args, device)
         sweeps.append(sweep(
             model, stats, validation_loader, search_data=search_loader,
             model_name=args.model, task=str(task), granularities=granularities,
@@ -119,12 +154,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = Sweep.merge(*sweeps)
     result.info.update({"splits": splits, **common.model_info(args)})
-    written = result.save(out)
     from velcro.report import write_report
 
-    paths = write_report({"title": f"velcro sweep: {args.model}", "model": args.model,
-                          "weights": args.weights, "task": ", ".join(splits),
-                          "sweep": result}, out / "report.html")
+    with atomic_group():  # the points, tables, curves and report appear together
+        written = result.save(out)
+        paths = write_report({"title": f"velcro sweep: {args.model}", "model": args.model,
+                              "weights": args.weights, "task": ", ".join(splits),
+                              "sweep": result}, out / "report.html")
     written += [paths["html"], paths["markdown"]]
     summary = {"command": "sweep", **common.model_info(args), "splits": splits,
                "tables": result.tables(), "points": len(result.points),

@@ -13,12 +13,21 @@ Class folders are mapped to the model's class indices in one of three ways:
 when every folder name is a number, and ``sorted`` otherwise; folders named by wnid without a
 class list are an error, since their sorted positions are ImageNet indices only when all 1000
 are present.
+
+Scanning and decoding are bounded, so that a folder cannot hang or exhaust the machine:
+only regular files are images (a FIFO named ``x.png`` would block the reader forever),
+symlinked folders are followed but never one already scanned (no symlink loop), a file
+reached twice (symlink, hard link) is kept once, and an image's size is checked from its
+header, before it is decoded or resized (:data:`MAX_IMAGE_PIXELS`, :data:`MAX_ASPECT`).
+What is left out is listed in ``ImageFolder.skipped`` and, for unreadable images, in the
+loader's ``skipped``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,10 +35,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from velcro.data._files import (
+    IMAGE_EXTENSIONS,
+    MAX_ASPECT,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    NOT_REGULAR,
+    NotRegular,
+    Scan,
+    check_sizes,
+    keep_once,
+    open_regular,
+    size_problem,
+)
 from velcro.data._preprocess import Preprocess
 from velcro.errors import VelcroError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_EXTENSIONS", "LABEL_MODES", "MAX_ASPECT", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE",
+           "ImageFolder", "UnreadableImage", "read_class_list"]
 LABEL_MODES = ("auto", "class-list", "index", "sorted")
 _WNID = re.compile(r"^n\d{8}$")
 
@@ -62,7 +85,11 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open_regular(path) as handle:  # a FIFO would wait for a writer forever
+            lines = handle.read().decode("utf-8").splitlines()
+    except NotRegular:
+        raise VelcroError(f"class list '{path}' is not a regular file (a FIFO, socket or "
+                          "device); give a text file with one wnid per line") from None
     except FileNotFoundError:
         raise VelcroError(f"class list '{path}' does not exist; give a file with one wnid "
                           "per line in class-index order") from None
@@ -106,16 +133,6 @@ def _class_folders(root: Path) -> list[str]:
             f"({root}/<class>/<image>.jpg)"
         )
     return folders
-
-
-def _images_in(folder: Path, root: Path) -> list[str]:
-    found = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(directory, name).relative_to(root).as_posix())
-    return found
 
 
 def _label_folders(folders: list[str], mode: str | Mapping[str, int],
@@ -229,9 +246,20 @@ class ImageFolder(Dataset):
                 "check the folder, --task/--classes and --class-list"
             )
         self.class_to_index = mapping
+        check_sizes(self.preprocess)
+        scan = Scan(self.root, list(mapping))
+        for name in sorted(mapping):
+            scan.walk(self.root / name)
+        keep = keep_once(scan.found, scan.skipped)
+        #: entries left out while scanning, path relative to root -> reason
+        self.skipped: dict[str, str] = dict(sorted(scan.skipped.items()))
+        by_folder: dict[str, list[str]] = {}
+        for path, _, _ in scan.found:
+            if path in keep:
+                by_folder.setdefault(path.split("/", 1)[0], []).append(path)
         self.samples: list[tuple[str, int]] = []
         for name, index in sorted(mapping.items()):
-            found = _images_in(self.root / name, self.root)
+            found = by_folder.get(name, [])
             if not found:
                 raise VelcroError(
                     f"class folder '{self.root / name}' holds no images "
@@ -260,13 +288,32 @@ class ImageFolder(Dataset):
     def load_image(self, path: str) -> Image.Image:
         """Decode one image fully (so a truncated file fails here, not later).
 
+        The size is checked from the header first: an image of more than
+        :data:`MAX_IMAGE_PIXELS` pixels (before or after resizing), or whose sides differ more
+        than :data:`MAX_ASPECT` times, is refused before it is decoded.
+
         Raises:
-            UnreadableImage: the file cannot be decoded.
+            UnreadableImage: the file cannot be decoded, is not a regular file or is too large.
         """
         try:
-            with Image.open(self.root / path) as image:
-                image.load()
-                return image.convert(self.preprocess.mode)
+            with open_regular(self.root / path) as handle, warnings.catch_warnings():
+                # our bound is Pillow's warning threshold: its warning would only repeat it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    problem = size_problem(*image.size, self.preprocess)
+                    if problem is not None:
+                        raise UnreadableImage(path, problem)
+                    image.load()
+                    return image.convert(self.preprocess.mode)
+        except UnreadableImage:
+            raise
+        except NotRegular:
+            raise UnreadableImage(path, NOT_REGULAR) from None
+        except Image.DecompressionBombError as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(pixels.group(1)):,} pixels" if pixels else "its size"
+            raise UnreadableImage(path, f"{size} is more than the {MAX_IMAGE_PIXELS:,} "
+                                        "allowed (a decompression bomb?)") from None
         except Exception as exc:  # Pillow raises many types for bad files; all mean "skip it"
             text = " ".join(str(exc).split()) or type(exc).__name__
             raise UnreadableImage(path, f"{type(exc).__name__}: {text}"[:200]) from None
@@ -297,3 +344,4 @@ class ImageFolder(Dataset):
         return {"root": str(self.root.resolve()), "labels": self.label_mode,
                 "class_to_index": dict(sorted(self.class_to_index.items())),
                 "images": len(self), "preprocess": self.preprocess.to_dict()}
+

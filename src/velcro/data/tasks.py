@@ -27,6 +27,10 @@ from dataclasses import dataclass
 
 from velcro.errors import VelcroError
 
+# More classes than any classifier head has (ImageNet-21k has 21,843): a class index or range
+# beyond it is a typo, and is refused before a range is expanded into a set of integers.
+MAX_CLASSES = 100_000
+
 
 @dataclass(frozen=True)
 class Task:
@@ -116,14 +120,18 @@ def parse_classes(text: str, class_list: Sequence[str] | None = None) -> list[in
                 f"--classes: '{token}' is not a valid index or range; indices are >= 0 and "
                 "ranges go low-high"
             )
-        classes.update(range(first, last + 1))
-    if class_list:
-        outside = sorted(c for c in classes if c >= len(class_list))
-        if outside:
+        # checked before the range is expanded: 0-99999999999 would not fit in memory
+        if class_list and last >= len(class_list):
             raise VelcroError(
-                f"--classes: class {outside[0]} is out of range for the class list of "
-                f"{len(class_list)} classes; give indices below {len(class_list)}"
+                f"--classes: class {max(first, len(class_list))} is out of range for the class "
+                f"list of {len(class_list)} classes; give indices below {len(class_list)}"
             )
+        if last >= MAX_CLASSES:
+            raise VelcroError(
+                f"--classes: '{token}' goes beyond class {MAX_CLASSES - 1}, more classes than "
+                "any model has; give the task's class indices"
+            )
+        classes.update(range(first, last + 1))
     return sorted(classes)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from velcro._format import objective_label, percent, plural
-from velcro._io import write_text_atomic
+from velcro._io import atomic_group, folder_problem, write_text_atomic
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.cost import cost
@@ -59,6 +59,12 @@ CALIBRATION_FRACTION = 0.2
 # evaluations per granularity, so that the demo runs in well under a minute from the cache.
 SCHEDULE = SearchSchedule(levels=4, refine_rounds=1)
 LATENCY_BATCH = 32
+# what the demo writes into its output folder
+OUTPUT_FILES = tuple(
+    f"{granularity}.{suffix}" for granularity in ("element", "channel")
+    for suffix in ("plan.json", "plan.json.safetensors", "search.json", "report.html",
+                   "report.md")
+) + ("table.txt", "results.json")
 
 
 @dataclass
@@ -226,6 +232,8 @@ def run_demo(
                           "e.g. --task 3,8")
     if budget is not None and budget < 1:
         raise VelcroError(f"budget {budget} is too small; allow at least one evaluation")
+    if out_dir is not None and (problem := folder_problem(out_dir)) is not None:
+        raise VelcroError(f"output folder: {problem}")  # now, not after minutes of work
     recipe = recipe or Recipe()
 
     def say(text: str) -> None:
@@ -320,7 +328,8 @@ def run_demo(
     )
     if out_dir is not None:
         clock = time.perf_counter()
-        result.files = _write(result, Path(out_dir))
+        with atomic_group():  # every result file, or none
+            result.files = _write(result, Path(out_dir))
         seconds["write"] = time.perf_counter() - clock
     return result
 

@@ -27,6 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from velcro._globals import torch_threads_kept
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.graph import trace
@@ -206,7 +207,8 @@ class SkippingConv:
                               f"mask's spatial shape {self.out_shape[1:]}")
         with torch.no_grad():
             if self._uses_numba(x):
-                out = self._numba(x, residual)
+                with torch_threads_kept():  # numba's OpenMP start-up resets torch's count
+                    out = self._numba(x, residual)
             else:
                 out = self._torch(x, residual)
         return out

@@ -47,7 +47,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from velcro._format import percent, plural
-from velcro._io import write_text_atomic
+from velcro._io import atomic_path, write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import evaluate
@@ -221,8 +221,9 @@ class Sweep:
         written = []
         for model in dict.fromkeys(p["model"] for p in self.points):
             path = folder / f"curves_{_slug(model)}.png"
-            path.write_bytes(sweep_figure([p for p in self.points if p["model"] == model],
-                                          title=model))
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(sweep_figure([p for p in self.points if p["model"] == model],
+                                             title=model))
             written.append(path)
         return written
 

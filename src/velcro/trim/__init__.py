@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from velcro._globals import rng_kept
 from velcro.apply import check_plan_fits
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, trace
@@ -41,6 +42,7 @@ from velcro.trim._build import Builder
 __all__ = ["load_trimmed", "save_trimmed", "trim"]
 
 
+@rng_kept
 def trim(
     model: nn.Module,
     plan: Plan,
@@ -193,6 +195,7 @@ def save_trimmed(model: fx.GraphModule, path: str | os.PathLike) -> Path:
     return _serialize.save(model, path)
 
 
+@rng_kept
 def load_trimmed(path: str | os.PathLike) -> fx.GraphModule:
     """Rebuild a model saved by :func:`save_trimmed`, running no code from the files.
 
