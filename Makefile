@@ -24,7 +24,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev,bench]"
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do echo "== $$b"; \
+		case $$b in *bench_zoo.py) args=--quick;; *) args=;; esac; \
+		$(PY) $$b $$args || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,0 +1,555 @@
+"""velcro on a zoo of timm architectures: what captures, trims, saves and exports.
+
+For each model (random weights, ``pretrained=False``; batch-norm statistics warmed up by a
+few train-mode passes on random data; calibration on 8 random images at a small input size)
+and channel plans at T = 0.3 and 0.5, one row with:
+
+- capture: ``velcro.trace`` + ``velcro.calibrate`` work, else the VelcroError's first line;
+- sites vs activation calls: ``velcro.find_sites`` against an independent eager count. The
+  count runs the model once under a ``torch.overrides.TorchFunctionMode`` that sees every
+  torch-level call (modules' forwards reach ``F.relu``/``F.silu``/... through it, functional
+  and ``Tensor.relu()`` calls too; nested calls are not seen twice), keyed by function name
+  (``hardtanh(0, 6)`` is relu6). "velcro kinds" are the kinds ``velcro.sites`` knows
+  (relu, relu6, silu, gelu, hardswish); "all" adds sigmoid, hardsigmoid, tanh, mish, ...
+  Each traced activation node that is not a site is kept with the reason (its kind, or the
+  op feeding it when no conv/linear producer is reached);
+- producers trimmed: of the planned sites (>= 1 chosen channel), the share whose producer
+  (``Site.producer``) computes fewer filters in ``velcro.trim``'s model: the module of that
+  name there has fewer non-zero weight rows (rows padded to ``channel_multiple`` are zero),
+  or is gone. For the others, the op chain from producer to site is kept;
+- trim vs apply (max |a - b| / max |b| on a random batch of 2), and trim of an empty plan
+  (T = 0) vs the original model;
+- MACs and parameters saved (``velcro.cost``, default ``channel_multiple=8``);
+- save/load: ``save_trimmed`` + ``load_trimmed`` give identical outputs, else the first line;
+- ONNX: ``velcro.export_onnx`` of the original and trimmed models, onnxruntime vs torch (max
+  relative difference) and node counts;
+- seconds per model.
+
+Each model runs in its own subprocess (memory is returned, a crash or timeout is one row).
+
+    .venv/bin/python benchmarks/bench_zoo.py                         # all models, ~30 min
+    .venv/bin/python benchmarks/bench_zoo.py --quick                 # make bench, ~2 min
+    .venv/bin/python benchmarks/bench_zoo.py --models resnet18,dla34 --out runs/x.json
+
+Measured with timm 1.0.31, torch 2.13.0+cpu. timm imports ``torchvision.ops.misc`` (pure
+Python), but PyPI's torchvision 0.28.0 is a CUDA build whose compiled ops do not load beside
+the CPU torch, and ``import torchvision`` then fails registering fake kernels for them
+("operator torchvision::nms does not exist"). Recipe:
+
+    .venv/bin/pip install "torch==2.13.0" -e ".[dev,bench]"   # timm, torchvision 0.28.0
+
+and, before the first ``import timm``, an empty module in place of
+``torchvision._meta_registrations`` (see ``import_timm``): torchvision then imports without
+its compiled ops, which timm's model definitions never call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+THRESHOLDS = (0.3, 0.5)
+SIZE = 64
+# name -> (input size, create_model keyword arguments); the smallest size each accepts
+MODELS: dict[str, tuple[int, dict]] = {name: (SIZE, {}) for name in (
+    "vgg11_bn", "resnet18", "resnet50", "resnet18d", "resnet10t", "seresnet18", "ecaresnet26t",
+    "skresnet18", "res2net50_26w_4s", "resnext26ts", "regnetx_002", "regnety_002",
+    "densenet121", "dla34", "dpn68", "xception41", "cspresnet50", "cspdarknet53", "darknet53",
+    "hrnet_w18_small", "resnetv2_50x1_bit", "nf_resnet26", "selecsls42b", "ese_vovnet19b_dw",
+    "repvgg_a0", "mobileone_s0", "gernet_s", "mobilenetv2_100", "mobilenetv3_small_100",
+    "mobilenetv4_conv_small", "efficientnet_b0", "tf_efficientnet_b0",
+    "tf_mobilenetv3_small_100", "mnasnet_100", "mixnet_s", "lcnet_050", "ghostnet_100",
+    "rexnet_100", "convnext_atto", "edgenext_xx_small", "mobilevit_xxs", "efficientvit_b0",
+    "fastvit_t8", "efficientformer_l1",
+)}
+MODELS["inception_v3"] = (96, {})  # 75x75 at least
+MODELS["levit_128s"] = (64, {"img_size": 64})
+MODELS["vit_tiny_patch16_224"] = (64, {"img_size": 64})
+QUICK = ("resnet18", "mobilenetv2_100", "efficientnet_b0", "convnext_atto")
+VELCRO_KINDS = ("relu", "relu6", "silu", "gelu", "hardswish")  # velcro.sites' kinds
+ACTIVATION_NAMES = {"relu", "relu6", "hardtanh", "silu", "gelu", "hardswish", "hardsigmoid",
+                    "sigmoid", "tanh", "mish", "leaky_relu", "elu", "selu", "celu", "softplus",
+                    "prelu"}
+MODULE_KINDS = {"ReLU": "relu", "ReLU6": "relu6", "Hardtanh": "hardtanh", "SiLU": "silu",
+                "GELU": "gelu", "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid",
+                "Sigmoid": "sigmoid", "Tanh": "tanh", "Mish": "mish", "LeakyReLU": "leaky_relu",
+                "ELU": "elu", "SELU": "selu", "CELU": "celu", "Softplus": "softplus",
+                "PReLU": "prelu"}
+
+
+def import_timm() -> types.ModuleType:
+    """timm, with torchvision imported without its (unloadable) compiled ops."""
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+    import timm
+
+    return timm
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def activation_kind(name: str, args: tuple, kwargs: dict) -> str | None:
+    name = name.rstrip("_")
+    if name != "hardtanh":
+        return name if name in ACTIVATION_NAMES else None
+    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    return "relu6" if (low, high) == (0.0, 6.0) else "hardtanh"
+
+
+def count_eager_activations(model, x) -> Counter:
+    """Activation calls of one forward, by kind, seen through a TorchFunctionMode."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter = Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            kind = activation_kind(getattr(func, "__name__", ""), args, kwargs)
+            if kind:
+                self.counts[kind] += 1
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), Calls() as calls:
+        model(x)
+    return calls.counts
+
+
+def node_kind(gm, node) -> str | None:
+    """The activation kind of a traced node (same naming as the eager count), or None."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not type(module).__module__.startswith("torch.nn"):
+            return None
+        kind = MODULE_KINDS.get(type(module).__name__)
+        if kind == "hardtanh" and (module.min_val, module.max_val) == (0.0, 6.0):
+            return "relu6"
+        return kind
+    if node.op == "call_function":
+        return activation_kind(getattr(node.target, "__name__", ""), node.args, node.kwargs)
+    if node.op == "call_method":
+        return activation_kind(node.target, node.args, node.kwargs)
+    return None
+
+
+def label(gm, node) -> str:
+    """A short name of what a node does: module class, ``fn()`` or ``.method()``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        text = type(module).__name__
+        groups = getattr(module, "groups", 1)
+        if isinstance(groups, int) and groups > 1:
+            depthwise = groups == getattr(module, "in_channels", 0)
+            text += "(depthwise)" if depthwise else f"(groups={groups})"
+        return text
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)) + "()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return node.op
+
+
+def producer_path(gm, site_node, producer: str) -> list | None:
+    """Nodes from the site's producer to the site (depth-first, as velcro.sites walks)."""
+    def is_producer(node) -> bool:
+        if node.op == "call_module":
+            return node.target == producer
+        name = getattr(node.target, "__name__", "")
+        return node.op == "call_function" and f"{name}@{node.name}" == producer
+
+    seen = set()
+
+    def walk(node, depth: int) -> list | None:
+        if is_producer(node):
+            return [node]
+        if depth == 0:
+            return None
+        for source in node.all_input_nodes:
+            if source in seen or source.op in ("get_attr", "placeholder"):
+                continue
+            seen.add(source)
+            path = walk(source, depth - 1)
+            if path:
+                return [*path, node]
+        return None
+
+    return walk(site_node, 8)
+
+
+def rel_diff(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def live_filters(module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() < 2:
+        return None
+    return int((weight.detach().flatten(1).abs().sum(1) > 0).sum())
+
+
+def computed_filters(original, trimmed) -> set[int] | None:
+    """The original filters a trimmed layer still computes, matched by weight direction.
+
+    Only where rows keep their shape (no input column removed: depthwise convolutions,
+    layers whose inputs were not trimmed); batch-norm folding scales rows, so |cosine| = 1.
+    """
+    before, after = original.weight.detach(), trimmed.weight.detach()
+    if before.shape[1:] != after.shape[1:]:
+        return None
+    rows = after.flatten(1)
+    rows = rows[rows.abs().sum(1) > 0]
+    unit = before.flatten(1) / before.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    similarity, index = (rows @ unit.T).abs().max(dim=1)
+    return set(index[similarity > 0.9999].tolist()) if len(rows) else set()
+
+
+def build(timm, name: str, size: int, kwargs: dict):
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the warm-up batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+def producer_drops(gm, small, producer: str, chosen: list[int]) -> bool:
+    """The trimmed model's ``producer`` computes none of the site's chosen channels.
+
+    Matched filter by filter where rows keep their shape (a depthwise producer also loses
+    the channels its input site made constant, which says nothing of its own site);
+    elsewhere by count: at least as many filters gone as the site chose.
+    """
+    if "@" in producer:  # a functional conv/linear: no module to trim
+        return False
+    original = gm.get_submodule(producer)
+    try:
+        trimmed = small.get_submodule(producer)
+    except AttributeError:
+        return True  # every filter removed
+    computed = computed_filters(original, trimmed)
+    if computed is not None:
+        return not computed & set(chosen)
+    return live_filters(trimmed) <= live_filters(original) - len(chosen)
+
+
+def trimmed_producers(gm, small, sites, plan) -> dict:
+    """Planned sites whose producer loses filters; the others with their op chain."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    planned = [s for s in sites if s.name in plan.sites and plan.sites[s.name].units.numel()]
+    trimmed, kept = 0, []
+    for site in planned:
+        if producer_drops(gm, small, site.producer, plan.sites[site.name].units.tolist()):
+            trimmed += 1
+            continue
+        path = producer_path(gm, nodes[site.node], site.producer) or []
+        side = sorted({label(gm, user) for node in path[:-1] for user in node.users
+                       if user not in path})
+        kept.append({"site": site.name, "producer": site.producer,
+                     "chain": " > ".join(label(gm, node) for node in path),
+                     "other_users": side})
+    return {"planned": len(planned), "trimmed": trimmed, "kept": kept}
+
+
+def graph_inventory(small) -> dict:
+    """Ops of the trimmed graph, and the ops that receive a re-materialized full tensor."""
+    ops, full = Counter(), Counter()
+    materialize = {node for node in small.graph.nodes if node.op == "call_module"
+                   and type(small.get_submodule(node.target)).__name__ == "Materialize"}
+    for node in small.graph.nodes:
+        if node.op == "call_module":
+            ops[type(small.get_submodule(node.target)).__name__] += 1
+        elif node.op == "call_function":
+            fn = node.target
+            ops[f"{getattr(fn, '__module__', None) or ''}.{getattr(fn, '__name__', fn)}"] += 1
+        elif node.op == "call_method":
+            ops[f"Tensor.{node.target}"] += 1
+        if any(source in materialize for source in node.all_input_nodes):
+            full[label(small, node)] += 1
+    return {"ops": dict(ops), "materialized_into": dict(full)}
+
+
+def onnx_check(velcro, module, x, path: Path, threads: int) -> dict:
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    velcro.export_onnx(module, path, x[:1])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        want = module(x)
+    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
+    return {"parity": rel_diff(got, want), "nodes": nodes}
+
+
+def attempt(row: dict, key: str, fn, keep: bool = False):
+    """Run one stage, timed; an exception becomes ``row[key]`` (its first line), and so
+    does the result when ``keep``."""
+    start = time.perf_counter()
+    try:
+        value = fn()
+    except Exception as exc:  # every failure is a result here
+        row[key] = {"error": first_line(exc)}
+        value = None
+    else:
+        if keep:
+            row[key] = value
+    row.setdefault("seconds", {})[key] = round(time.perf_counter() - start, 2)
+    return value
+
+
+def run_model(name: str, threads: int, folder: Path) -> dict:
+    """Every measurement for one model (the worker's job)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    timm = import_timm()
+    import velcro
+
+    size, kwargs = MODELS.get(name, (SIZE, {}))
+    row: dict = {"model": name, "input": size, "timm": timm.__version__}
+    start = time.perf_counter()
+    model = attempt(row, "build", lambda: build(timm, name, size, kwargs))
+    if model is None:
+        row["capture"] = row["build"]["error"]
+        return finish(row, start)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, size, size, generator=generator)
+    x = torch.randn(2, 3, size, size, generator=generator)
+    with torch.no_grad():
+        reference = model(x)
+    row["activation_calls"] = dict(count_eager_activations(model, x))
+    gm = attempt(row, "trace", lambda: velcro.trace(model))
+    if gm is None:
+        row["capture"] = row["trace"]["error"]
+        return finish(row, start)
+    sites = velcro.find_sites(gm)
+    site_nodes = {site.node for site in sites}
+    row["sites"] = dict(Counter(site.kind for site in sites))
+    not_sites = Counter()
+    for node in gm.graph.nodes:
+        kind = node_kind(gm, node)
+        if kind is None or node.name in site_nodes:
+            continue
+        source = node.args[0] if node.args and hasattr(node.args[0], "op") else None
+        reason = (f"{kind}: not a velcro kind" if kind not in VELCRO_KINDS else
+                  f"{kind}: no conv/linear producer, input is "
+                  f"{label(gm, source) if source is not None else 'not a node'}")
+        not_sites[reason] += 1
+    row["traced_activations"] = dict(Counter(filter(None, (node_kind(gm, n)
+                                                           for n in gm.graph.nodes))))
+    row["not_sites"] = dict(not_sites)
+    stats = attempt(row, "calibrate", lambda: velcro.calibrate(
+        model, [images[:4], images[4:]], progress=False))
+    if stats is None:
+        row["capture"] = row["calibrate"]["error"]
+        return finish(row, start)
+    row["capture"] = "ok"
+    shape = (3, size, size)
+    base = attempt(row, "cost", lambda: velcro.cost(model, x[:1]))
+    row["macs"] = base.macs if base else None
+    row["parameters"] = base.parameters if base else None
+    attempt(row, "onnx_original", lambda: onnx_check(velcro, model, x, folder / "orig.onnx",
+                                                      threads), keep=True)
+
+    def empty_plan() -> float:
+        small = velcro.trim(model, velcro.plan(stats, 0.0, granularity="channel"),
+                            input_shape=shape)
+        with torch.no_grad():
+            return rel_diff(small(x), reference)
+
+    attempt(row, "trim_empty_vs_original", empty_plan, keep=True)
+    row["thresholds"] = {}
+    for threshold in THRESHOLDS:
+        entry = row["thresholds"][str(threshold)] = {}
+        run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, entry, folder,
+                      threads)
+    return finish(row, start)
+
+
+def run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, entry, folder,
+                  threads) -> None:
+    import torch
+
+    plan = velcro.plan(stats, threshold, granularity="channel")
+    entry["saving_ratio"] = plan.saving_ratio
+    with torch.no_grad():
+        applied = attempt(entry, "apply", lambda: velcro.apply(model, plan)(x))
+    small = attempt(entry, "trim", lambda: velcro.trim(model, plan, input_shape=shape))
+    if small is None:
+        return
+    with torch.no_grad():
+        out = small(x)
+    if applied is not None:
+        entry["trim_vs_apply"] = rel_diff(out, applied)
+    attempt(entry, "producers", lambda: trimmed_producers(gm, small, sites, plan), keep=True)
+    entry["graph"] = graph_inventory(small)
+
+    def saving() -> dict:
+        return base.reduction(velcro.cost(small, x[:1]))
+
+    if base is not None:
+        attempt(entry, "saved", saving, keep=True)
+
+    def round_trip() -> float:
+        path = velcro.save_trimmed(small, folder / f"t{threshold}.json")
+        with torch.no_grad():
+            return float((velcro.load_trimmed(path)(x) - out).abs().max())
+
+    attempt(entry, "save_load", round_trip, keep=True)
+    attempt(entry, "onnx", lambda: onnx_check(velcro, small, x, folder / f"t{threshold}.onnx",
+                                              threads), keep=True)
+
+
+def finish(row: dict, start: float) -> dict:
+    row["total_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+# -- the driver: one subprocess per model, a table at the end ------------------------------
+def worker(name: str, threads: int, out: Path) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        row = run_model(name, threads, Path(folder))
+    out.write_text(json.dumps(row))
+
+
+def spawn(name: str, threads: int, timeout_s: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "row.json"
+        command = [sys.executable, __file__, "--worker", name, "--threads", str(threads),
+                   "--out", str(out)]
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"model": name, "capture": f"timeout after {timeout_s:.0f} s",
+                    "total_seconds": round(time.perf_counter() - start, 1)}
+        if done.returncode == 0 and out.is_file():
+            return json.loads(out.read_text())
+        tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return {"model": name, "capture": f"worker died: {tail}"[:300],
+                "total_seconds": round(time.perf_counter() - start, 1)}
+
+
+def cell(entry: dict | None, key: str, fmt) -> str:
+    value = (entry or {}).get(key)
+    if value is None:
+        return "-"
+    if isinstance(value, dict) and "error" in value:
+        return "err"
+    return fmt(value)
+
+
+def per_threshold(row: dict, key: str, fmt) -> str:
+    entries = row.get("thresholds") or {}
+    return " / ".join(cell(entries.get(str(t)), key, fmt) for t in THRESHOLDS)
+
+
+def share(producers: dict) -> str:
+    return f"{producers['trimmed']}/{producers['planned']}"
+
+
+def save_cell(value) -> str:
+    return "ok" if value == 0.0 else f"diff {value:.1e}"
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table: one row per model, ``a / b`` for T = 0.3 / 0.5."""
+    header = ("| model | in | capture | sites / act (velcro kinds) / act (all) | producers "
+              "trimmed | trim vs apply | T=0 vs orig | MACs saved | params saved | save/load "
+              "| ONNX rel diff | ONNX nodes orig > trim | s |")
+    lines = [header, "|" + "---|" * 13]
+    percent = "{:.0%}".format
+    for row in rows:
+        calls = row.get("activation_calls") or {}
+        velcro_calls = sum(v for k, v in calls.items() if k in VELCRO_KINDS)
+        sites = sum((row.get("sites") or {}).values())
+        capture = row.get("capture", "-")
+        last = (row.get("thresholds") or {}).get(str(THRESHOLDS[-1])) or {}
+        original_nodes = cell(row, "onnx_original", lambda v: str(v["nodes"]))
+        trimmed_nodes = cell(last, "onnx", lambda v: str(v["nodes"]))
+        lines.append(" | ".join([
+            f"| {row['model']}", str(row.get("input", "-")),
+            "ok" if capture == "ok" else capture.replace("|", "/")[:90],
+            f"{sites if 'sites' in row else '-'} / {velcro_calls} / {sum(calls.values())}"
+            if calls else "-",
+            per_threshold(row, "producers", share),
+            per_threshold(row, "trim_vs_apply", "{:.0e}".format),
+            cell(row, "trim_empty_vs_original", "{:.0e}".format),
+            per_threshold(row, "saved", lambda v: percent(v["macs"])),
+            per_threshold(row, "saved", lambda v: percent(v["parameters"])),
+            per_threshold(row, "save_load", save_cell),
+            per_threshold(row, "onnx", lambda v: f"{v['parity']:.0e}"),
+            f"{original_nodes} > {trimmed_nodes}",
+            f"{row.get('total_seconds', '-')} |",
+        ]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated timm names (default: the full list)")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_zoo.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at once")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.threads, args.out)
+        return
+    names = (args.models.split(",") if args.models else list(QUICK) if args.quick
+             else list(MODELS))
+    start = time.perf_counter()
+    rows: dict[str, dict] = {}
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(names), unit="model") as bar:
+        futures = {pool.submit(spawn, name, args.threads, args.timeout): name for name in names}
+        for future in as_completed(futures):
+            row = future.result()
+            rows[row["model"]] = row
+            bar.set_postfix_str(f"{row['model']} {row.get('total_seconds', '?')} s")
+            bar.update()
+    ordered = [rows[name] for name in names]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
+                                    "jobs": args.jobs,
+                                    "wall_seconds": round(time.perf_counter() - start, 1),
+                                    "rows": ordered}, indent=1) + "\n")
+    print(table(ordered))
+    print(f"\n{len(ordered)} models in {time.perf_counter() - start:.0f} s; "
+          f"T = {' / '.join(map(str, THRESHOLDS))}; JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
