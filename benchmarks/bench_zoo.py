@@ -14,11 +14,14 @@ and channel plans at T = 0.3 and 0.5, one row with:
   (``hardtanh(0, 6)`` is relu6). "velcro kinds" are the kinds ``velcro.sites`` knows
   (relu, relu6, silu, gelu, hardswish); "all" adds sigmoid, hardsigmoid, tanh, mish, ...
   Each traced activation node that is not a site is kept with the reason (its kind, or the
-  op feeding it when no conv/linear producer is reached);
+  ops that end the walk back through batch-norm, identity, dropout and additions before any
+  conv/linear);
 - producers trimmed: of the planned sites (>= 1 chosen channel), the share whose producer
-  (``Site.producer``) computes fewer filters in ``velcro.trim``'s model: the module of that
-  name there has fewer non-zero weight rows (rows padded to ``channel_multiple`` are zero),
-  or is gone. For the others, the op chain from producer to site is kept;
+  (``Site.producer``) no longer computes the chosen filters in ``velcro.trim``'s model: the
+  module of that name is gone, or its rows matched to the original's by direction leave the
+  chosen ones out (where rows keep their shape), or else it has at least as many fewer
+  non-zero rows as the site chose (rows padded to ``channel_multiple`` are zero). For the
+  others, the op chain from producer to site is kept;
 - trim vs apply (max |a - b| / max |b| on a random batch of 2), and trim of an empty plan
   (T = 0) vs the original model;
 - MACs and parameters saved (``velcro.cost``, default ``channel_multiple=8``);
@@ -27,11 +30,15 @@ and channel plans at T = 0.3 and 0.5, one row with:
   torch (max relative difference) and node counts;
 - seconds per model.
 
-Each model runs in its own subprocess (memory is returned, a crash or timeout is one row).
+Each model runs in its own subprocess (memory is returned, a crash or timeout is one row);
+the JSON is rewritten after every row.
 
-    .venv/bin/python benchmarks/bench_zoo.py                         # all models, ~30 min
-    .venv/bin/python benchmarks/bench_zoo.py --quick                 # make bench, ~2 min
+    .venv/bin/python benchmarks/bench_zoo.py --jobs 2   # 47 models: 67 min on 2 busy cores
+    .venv/bin/python benchmarks/bench_zoo.py --quick    # make bench: 4 models
     .venv/bin/python benchmarks/bench_zoo.py --models resnet18,dla34 --out runs/x.json
+
+The graph and model checks live in ``zoo_checks.py`` beside this script; the findings, per
+failure class, in ``zoo_diagnosis.md``.
 
 Measured with timm 1.0.31, torch 2.13.0+cpu. timm imports ``torchvision.ops.misc`` (pure
 Python), but PyPI's torchvision 0.28.0 is a CUDA build whose compiled ops do not load beside
@@ -60,6 +67,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm import tqdm
+from zoo_checks import (
+    VELCRO_KINDS,
+    blockers,
+    count_eager_activations,
+    graph_inventory,
+    node_kind,
+    onnx_check,
+    rel_diff,
+    trimmed_producers,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.3, 0.5)
@@ -81,15 +98,6 @@ MODELS["efficientformer_l1"] = (224, {})  # attention biases fixed at 7x7 tokens
 MODELS["levit_128s"] = (64, {"img_size": 64})
 MODELS["vit_tiny_patch16_224"] = (64, {"img_size": 64})
 QUICK = ("resnet18", "mobilenetv2_100", "efficientnet_b0", "convnext_atto")
-VELCRO_KINDS = ("relu", "relu6", "silu", "gelu", "hardswish")  # velcro.sites' kinds
-ACTIVATION_NAMES = {"relu", "relu6", "hardtanh", "silu", "gelu", "hardswish", "hardsigmoid",
-                    "sigmoid", "tanh", "mish", "leaky_relu", "elu", "selu", "celu", "softplus",
-                    "prelu"}
-MODULE_KINDS = {"ReLU": "relu", "ReLU6": "relu6", "Hardtanh": "hardtanh", "SiLU": "silu",
-                "GELU": "gelu", "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid",
-                "Sigmoid": "sigmoid", "Tanh": "tanh", "Mish": "mish", "LeakyReLU": "leaky_relu",
-                "ELU": "elu", "SELU": "selu", "CELU": "celu", "Softplus": "softplus",
-                "PReLU": "prelu"}
 
 
 def import_timm() -> types.ModuleType:
@@ -104,126 +112,6 @@ def import_timm() -> types.ModuleType:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
-
-def activation_kind(name: str, args: tuple, kwargs: dict) -> str | None:
-    name = name.rstrip("_")
-    if name != "hardtanh":
-        return name if name in ACTIVATION_NAMES else None
-    low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
-    high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-    return "relu6" if (low, high) == (0.0, 6.0) else "hardtanh"
-
-
-def count_eager_activations(model, x) -> Counter:
-    """Activation calls of one forward, by kind, seen through a TorchFunctionMode."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class Calls(TorchFunctionMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.counts: Counter = Counter()
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            kind = activation_kind(getattr(func, "__name__", ""), args, kwargs)
-            if kind:
-                self.counts[kind] += 1
-            return func(*args, **kwargs)
-
-    with torch.no_grad(), Calls() as calls:
-        model(x)
-    return calls.counts
-
-
-def node_kind(gm, node) -> str | None:
-    """The activation kind of a traced node (same naming as the eager count), or None."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if not type(module).__module__.startswith("torch.nn"):
-            return None
-        kind = MODULE_KINDS.get(type(module).__name__)
-        if kind == "hardtanh" and (module.min_val, module.max_val) == (0.0, 6.0):
-            return "relu6"
-        return kind
-    if node.op == "call_function":
-        return activation_kind(getattr(node.target, "__name__", ""), node.args, node.kwargs)
-    if node.op == "call_method":
-        return activation_kind(node.target, node.args, node.kwargs)
-    return None
-
-
-def label(gm, node) -> str:
-    """A short name of what a node does: module class, ``fn()`` or ``.method()``."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        text = type(module).__name__
-        groups = getattr(module, "groups", 1)
-        if isinstance(groups, int) and groups > 1:
-            depthwise = groups == getattr(module, "in_channels", 0)
-            text += "(depthwise)" if depthwise else f"(groups={groups})"
-        return text
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target)) + "()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return node.op
-
-
-def producer_path(gm, site_node, producer: str) -> list | None:
-    """Nodes from the site's producer to the site (depth-first, as velcro.sites walks)."""
-    def is_producer(node) -> bool:
-        if node.op == "call_module":
-            return node.target == producer
-        name = getattr(node.target, "__name__", "")
-        return node.op == "call_function" and f"{name}@{node.name}" == producer
-
-    seen = set()
-
-    def walk(node, depth: int) -> list | None:
-        if is_producer(node):
-            return [node]
-        if depth == 0:
-            return None
-        for source in node.all_input_nodes:
-            if source in seen or source.op in ("get_attr", "placeholder"):
-                continue
-            seen.add(source)
-            path = walk(source, depth - 1)
-            if path:
-                return [*path, node]
-        return None
-
-    return walk(site_node, 8)
-
-
-def rel_diff(got, want) -> float:
-    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
-
-
-def live_filters(module) -> int | None:
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.dim() < 2:
-        return None
-    return int((weight.detach().flatten(1).abs().sum(1) > 0).sum())
-
-
-def computed_filters(original, trimmed) -> set[int] | None:
-    """The original filters a trimmed layer still computes, matched by weight direction.
-
-    Only where rows keep their shape (no input column removed: depthwise convolutions,
-    layers whose inputs were not trimmed); batch-norm folding scales rows, so |cosine| = 1.
-    """
-    before, after = original.weight.detach(), trimmed.weight.detach()
-    if before.shape[1:] != after.shape[1:]:
-        return None
-    rows = after.flatten(1)
-    rows = rows[rows.abs().sum(1) > 0]
-    unit = before.flatten(1) / before.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
-    rows = rows / rows.norm(dim=1, keepdim=True)
-    similarity, index = (rows @ unit.T).abs().max(dim=1)
-    return set(index[similarity > 0.9999].tolist()) if len(rows) else set()
 
 
 def build(timm, name: str, size: int, kwargs: dict):
@@ -247,79 +135,6 @@ def build(timm, name: str, size: int, kwargs: dict):
         for _ in range(2):
             model(torch.randn(8, 3, size, size))
     return model.eval()
-
-
-def producer_drops(gm, small, producer: str, chosen: list[int]) -> bool:
-    """The trimmed model's ``producer`` computes none of the site's chosen channels.
-
-    Matched filter by filter where rows keep their shape (a depthwise producer also loses
-    the channels its input site made constant, which says nothing of its own site);
-    elsewhere by count: at least as many filters gone as the site chose.
-    """
-    if "@" in producer:  # a functional conv/linear: no module to trim
-        return False
-    original = gm.get_submodule(producer)
-    try:
-        trimmed = small.get_submodule(producer)
-    except AttributeError:
-        return True  # every filter removed
-    computed = computed_filters(original, trimmed)
-    if computed is not None:
-        return not computed & set(chosen)
-    return live_filters(trimmed) <= live_filters(original) - len(chosen)
-
-
-def trimmed_producers(gm, small, sites, plan) -> dict:
-    """Planned sites whose producer loses filters; the others with their op chain."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    planned = [s for s in sites if s.name in plan.sites and plan.sites[s.name].units.numel()]
-    trimmed, kept = 0, []
-    for site in planned:
-        if producer_drops(gm, small, site.producer, plan.sites[site.name].units.tolist()):
-            trimmed += 1
-            continue
-        path = producer_path(gm, nodes[site.node], site.producer) or []
-        side = sorted({label(gm, user) for node in path[:-1] for user in node.users
-                       if user not in path})
-        kept.append({"site": site.name, "producer": site.producer,
-                     "chain": " > ".join(label(gm, node) for node in path),
-                     "other_users": side})
-    return {"planned": len(planned), "trimmed": trimmed, "kept": kept}
-
-
-def graph_inventory(small) -> dict:
-    """Ops of the trimmed graph, and the ops that receive a re-materialized full tensor."""
-    ops, full = Counter(), Counter()
-    materialize = {node for node in small.graph.nodes if node.op == "call_module"
-                   and type(small.get_submodule(node.target)).__name__ == "Materialize"}
-    for node in small.graph.nodes:
-        if node.op == "call_module":
-            ops[type(small.get_submodule(node.target)).__name__] += 1
-        elif node.op == "call_function":
-            fn = node.target
-            text = f"{getattr(fn, '__module__', None) or ''}.{getattr(fn, '__name__', fn)}"
-            ops[text + (f"(.{node.args[1]})" if fn is getattr else "")] += 1
-        elif node.op == "call_method":
-            ops[f"Tensor.{node.target}"] += 1
-        if any(source in materialize for source in node.all_input_nodes):
-            full[label(small, node)] += 1
-    return {"ops": dict(ops), "materialized_into": dict(full)}
-
-
-def onnx_check(velcro, module, x, path: Path, threads: int) -> dict:
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    velcro.export_onnx(module, path, x[:1])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    with torch.no_grad():
-        want = module(x)
-    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)
-    return {"parity": rel_diff(got, want), "nodes": nodes}
 
 
 def attempt(row: dict, key: str, fn, keep: bool = False):
@@ -371,10 +186,9 @@ def run_model(name: str, threads: int, folder: Path) -> dict:
         kind = node_kind(gm, node)
         if kind is None or node.name in site_nodes:
             continue
-        source = node.args[0] if node.args and hasattr(node.args[0], "op") else None
         reason = (f"{kind}: not a velcro kind" if kind not in VELCRO_KINDS else
-                  f"{kind}: no conv/linear producer, input is "
-                  f"{label(gm, source) if source is not None else 'not a node'}")
+                  f"{kind}: no conv/linear producer, stopped at "
+                  + ", ".join(sorted(set(blockers(gm, node)))))
         not_sites[reason] += 1
     row["traced_activations"] = dict(Counter(filter(None, (node_kind(gm, n)
                                                            for n in gm.graph.nodes))))
@@ -448,6 +262,8 @@ def finish(row: dict, start: float) -> dict:
 
 
 # -- the driver: one subprocess per model, a table at the end ------------------------------
+
+
 def worker(name: str, threads: int, out: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
         row = run_model(name, threads, Path(folder))
@@ -548,19 +364,25 @@ def main() -> None:
              else list(MODELS))
     start = time.perf_counter()
     rows: dict[str, dict] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> list[dict]:  # after every row, so that an interrupted run keeps its rows
+        ordered = [rows[name] for name in names if name in rows]
+        args.out.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
+                                        "jobs": args.jobs,
+                                        "wall_seconds": round(time.perf_counter() - start, 1),
+                                        "rows": ordered}, indent=1) + "\n")
+        return ordered
+
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(names), unit="model") as bar:
         futures = {pool.submit(spawn, name, args.threads, args.timeout): name for name in names}
         for future in as_completed(futures):
             row = future.result()
             rows[row["model"]] = row
+            write()
             bar.set_postfix_str(f"{row['model']} {row.get('total_seconds', '?')} s")
             bar.update()
-    ordered = [rows[name] for name in names]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
-                                    "jobs": args.jobs,
-                                    "wall_seconds": round(time.perf_counter() - start, 1),
-                                    "rows": ordered}, indent=1) + "\n")
+    ordered = write()
     print(table(ordered))
     print(f"\n{len(ordered)} models in {time.perf_counter() - start:.0f} s; "
           f"T = {' / '.join(map(str, THRESHOLDS))}; JSON: {args.out}")
