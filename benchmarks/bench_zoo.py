@@ -35,7 +35,10 @@ the JSON is rewritten after every row.
 
     .venv/bin/python benchmarks/bench_zoo.py --jobs 2   # 47 models: 67 min on 2 busy cores
     .venv/bin/python benchmarks/bench_zoo.py --quick    # make bench: 4 models
-    .venv/bin/python benchmarks/bench_zoo.py --models resnet18,dla34 --out runs/x.json
+    .venv/bin/python benchmarks/bench_zoo.py --models resnet18,dla34 --out runs/x
+
+The JSON goes to runs/bench/bench_zoo/bench_zoo.json (``--out DIR`` elsewhere,
+``--update-results`` into benchmarks/).
 
 The graph and model checks live in ``zoo_checks.py`` beside this script; the findings, per
 failure class, in ``zoo_diagnosis.md``.
@@ -66,6 +69,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import _bench
 from tqdm import tqdm
 from zoo_checks import (
     VELCRO_KINDS,
@@ -276,7 +280,7 @@ def spawn(name: str, threads: int, timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "row.json"
         command = [sys.executable, __file__, "--worker", name, "--threads", str(threads),
-                   "--out", str(out)]
+                   "--row", str(out)]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True,
                                   timeout=timeout_s)
@@ -350,25 +354,26 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated timm names (default: the full list)")
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_zoo.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run at once")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)  # a worker's output
+    _bench.add_options(parser)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.threads, args.out)
+        worker(args.worker, args.threads, args.row)
         return
-    names = (args.models.split(",") if args.models else list(QUICK) if args.quick
-             else list(MODELS))
+    _bench.quick(args, models=",".join(QUICK))
+    _bench.started("bench_zoo", args, "capture, trim, save and export across timm models")
+    names = args.models.split(",") if args.models else list(MODELS)
     start = time.perf_counter()
     rows: dict[str, dict] = {}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = _bench.output_dir(args, "bench_zoo") / "bench_zoo.json"
 
     def write() -> list[dict]:  # after every row, so that an interrupted run keeps its rows
         ordered = [rows[name] for name in names if name in rows]
-        args.out.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
+        json_path.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
                                         "jobs": args.jobs,
                                         "wall_seconds": round(time.perf_counter() - start, 1),
                                         "rows": ordered}, indent=1) + "\n")
@@ -385,7 +390,7 @@ def main() -> None:
     ordered = write()
     print(table(ordered))
     print(f"\n{len(ordered)} models in {time.perf_counter() - start:.0f} s; "
-          f"T = {' / '.join(map(str, THRESHOLDS))}; JSON: {args.out}")
+          f"T = {' / '.join(map(str, THRESHOLDS))}; JSON: {json_path}")
 
 
 if __name__ == "__main__":
