@@ -6,8 +6,8 @@ operations that keep every channel in its place:
 
 - channel norms: batch-norm (module or ``F.batch_norm``, timm's ``BatchNormAct2d``) and
   group-norm (pre-activation ResNets: ``GroupNorm -> ReLU -> conv``);
-- identity, dropout, and spatial operations: pooling, upsampling, padding, spatial slicing
-  (``x[:, :, ::2, ::2]``);
+- identity, dropout, and spatial operations: pooling, upsampling, padding, slicing
+  (``x[:, :, ::2, ::2]``, a channel range ``x[:, :n]``, a part of ``torch.split``);
 - sums (residual additions), concatenations (DenseNet, DPN, MixNet: every part's channels
   keep their place), products with a gate (squeeze-and-excitation: ``x * gate``);
 - for a linear producer, reshapes of the leading (batch, token) axes that keep the channel
@@ -183,8 +183,9 @@ def see_through(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
             return _tensor_inputs(node)
         if node.target in TRANSPARENT_FUNCTIONS and first is not None:
             return [first]
-        if node.target is operator.getitem and first is not None and _spatial_index(node):
-            return [first]
+        if node.target is operator.getitem and first is not None and (
+                _slices(node) or _split_part(first)):
+            return [first.args[0]] if _split_part(first) else [first]
         return None
     if node.op == "call_method" and first is not None:
         if node.target in _JOIN_METHODS:
@@ -195,12 +196,19 @@ def see_through(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     return None
 
 
-def _spatial_index(node: fx.Node) -> bool:
-    """``x[:, :, a:b, c:d]``: batch and channel axes whole, the rest sliced."""
+def _slices(node: fx.Node) -> bool:
+    """``x[:, a:b]``, ``x[:, :, ::2, ::2]``: slices (channels keep their order)."""
     index = node.args[1]
-    return (isinstance(index, tuple) and len(index) > 2
-            and all(i == slice(None) for i in index[:2])
-            and all(isinstance(i, slice) for i in index[2:]))
+    return (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None)
+            and all(isinstance(i, slice) or i is Ellipsis for i in index[1:]))
+
+
+def _split_part(node: fx.Node) -> bool:
+    """``node`` is ``torch.split``/``chunk`` of a tensor (its parts are channel ranges)."""
+    if node.op == "call_function":
+        return node.target in (torch.split, torch.chunk) and bool(node.args) and isinstance(
+            node.args[0], fx.Node)
+    return node.op == "call_method" and node.target in ("split", "chunk")
 
 
 def functional_producer_name(gm: fx.GraphModule, node: fx.Node) -> str:

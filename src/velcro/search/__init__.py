@@ -59,6 +59,7 @@ from velcro._io import write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
+from velcro.graph.capture import recorded_example
 from velcro.plan import Plan
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._evaluator import CandidateEvaluator
@@ -217,7 +218,7 @@ def _site_weights(model: nn.Module, rankings: Rankings, objective: str, example)
 
     model_cost = cost(model, example[:1])
     layer_macs = {layer.name: layer.macs for layer in model_cost.layers}
-    producers = {s.name: s.producer for s in find_sites(trace(model))}
+    producers = {s.name: s.producer for s in find_sites(trace(model, example[:1]))}
     total = model_cost.macs or 1
     return [layer_macs.get(producers[s.name], 0) / total for s in rankings.sites]
 
@@ -286,7 +287,8 @@ def search(
     began = time.perf_counter()
     rankings = Rankings(stats, granularity, score, constant)
     evaluator = CandidateEvaluator(model, rankings, data, task_classes=task_classes,
-                                   cache_mb=cache_mb)
+                                   cache_mb=cache_mb,
+                                   example=recorded_example(model, stats.info))
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
