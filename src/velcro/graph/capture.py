@@ -201,9 +201,19 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         (3, 224, 224)
     """
     examples = _examples(example_inputs)
-    if isinstance(model, fx.GraphModule) and not _needs_retrace(model):
+    if isinstance(model, fx.GraphModule):
+        if _needs_retrace(model):
+            try:  # understood: traced into, as velcro would have traced the original
+                return _capture(model, examples, copy_model=True)
+            except VelcroError:
+                pass  # kept whole: such a module is opaque to sites and trimming
         gm = copy.deepcopy(model) if copy_model else model
         return gm.eval()
+    return _capture(model, examples, copy_model)
+
+
+def _capture(model: nn.Module, examples: tuple[torch.Tensor, ...] | None,
+             copy_model: bool) -> fx.GraphModule:
     root = copy.deepcopy(model) if copy_model else model
     was_training = root.training
     root.eval()

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from velcro._globals import torch_threads_kept
 from velcro.apply import apply
 from velcro.errors import VelcroError
-from velcro.graph import trace
-from velcro.graph.capture import recorded_example
+from velcro.graph.capture import recorded_example, trace
 from velcro.graph.layers import SiteLayer, batchnorm_affine, site_layers
 from velcro.hardware import _skipconv
 from velcro.plan import Plan

@@ -287,8 +287,7 @@ def search(
     began = time.perf_counter()
     rankings = Rankings(stats, granularity, score, constant)
     evaluator = CandidateEvaluator(model, rankings, data, task_classes=task_classes,
-                                   cache_mb=cache_mb,
-                                   example=recorded_example(model, stats.info))
+                                   cache_mb=cache_mb, example=recorded_example(model, stats.info))
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):

@@ -152,7 +152,7 @@ def _why(gm: fx.GraphModule, analysis: Analysis, node: fx.Node, channels: torch.
 
 
 _UNKNOWN = "needed downstream"
-_MIXING = ("group_norm", "layer_norm", "softmax", "matmul", "linear", "permute", "transpose",
+_MIXING = ("groupnorm", "layernorm", "softmax", "matmul", "linear", "permute", "transpose",
            "mean", "sum", "mul")
 
 
@@ -161,7 +161,7 @@ def _opaque_kind(gm: fx.GraphModule, node: fx.Node) -> str:
                                                                       "")
     if node.op == "call_module":
         name = type(gm.get_submodule(node.target)).__name__.lower()
-    if any(word in name for word in _MIXING):
+    if any(word in name.replace("_", "") for word in _MIXING):
         return "which mixes or rescales the channels (trimming cannot drop one of them)"
     return "an operation trimming does not see through"
 
