@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     model = common.load_model(args, device)
     common.named("--stats", args.stats, stats.check_model, model)
-    data = common.open_task_data(args)
+    data = common.open_task_data(args, [(f"--stats '{args.stats}'", stats)])
     if "search" not in data.split.sets:
         raise VelcroError(f"split '{args.split}' has no search set; calibrate with "
                           "--search-fraction (e.g. 0.2) to carve one from the non-validation "
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
              validation_ids=[path for path, _ in data.split["validation"]], progress=show)
     if not is_main():  # under torchrun: the ranks shared the evaluations; rank 0 reports
         return 0
-    result.plan.info.update({"stats": str(args.stats), "split": str(args.split)})
+    result.plan.info.update({"stats": str(args.stats), "split": str(args.split),
+                             **common.carried_info(stats)})
     costs = None
     example = next(iter(validation_loader))[0][: args.batch_size].to(device)
     try:
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     run_info = {
         "command": "search", **common.model_info(args), "task": data.task,
         "classes": task_classes, "stats": str(args.stats), "split": str(args.split),
+        **data.record(),
         "splits": {**data.split.counts(), "calibration (statistics)": stats.count},
         "plan": str(plan_path), "cost": costs,
     }
@@ -168,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         f"validation top-1 {common.percent(validation['baseline']['accuracy'])} -> "
         f"{common.percent(validation['compressed']['accuracy'])} ({points(change)}) on "
         f"{plural(validation['images'], 'image')} never searched on",
+        *data.lines(),
         *[f"wrote {path}" for path in written],
     ]
     if costs is not None:

@@ -26,8 +26,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _CHANNELS = {"RGB": 3, "L": 1}
-# pixels; a larger resize or crop is a typo, not a model input (the one bound: folders and the
-# command line use it too)
+# The largest resize or crop: beyond any model's input (a typo such as --crop 100000 would
+# otherwise allocate 100000^2 pixels per image).
 MAX_IMAGE_SIDE = 4096
 _MAX_SCALE = 65535.0
 _FIELDS = ("resize", "crop", "mean", "std", "mode", "interpolation", "scale", "crop_fraction")

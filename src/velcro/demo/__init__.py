@@ -247,6 +247,8 @@ def run_demo(
                             use_cache=use_cache, progress=progress)
     model = trained.model
     seconds["model"] = time.perf_counter() - clock
+    if trained.cache_problem is not None:
+        say(f"the cached model was unusable ({trained.cache_problem}); trained it again")
     say(("loaded " if trained.from_cache else "trained and cached ") + str(trained.path))
 
     task_train = digits.select(split.train, task)

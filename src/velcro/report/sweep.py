@@ -220,7 +220,7 @@ class Sweep:
         folder = Path(folder)
         written = []
         for model in dict.fromkeys(p["model"] for p in self.points):
-            path = folder / f"curves_{_slug(model)}.png"
+            path = folder / curves_file_name(model)
             with atomic_path(path) as tmp:
                 tmp.write_bytes(sweep_figure([p for p in self.points if p["model"] == model],
                                              title=model))
@@ -258,6 +258,12 @@ class Sweep:
 
         points, info = read_sweep_file(path)
         return cls(points, info)
+
+
+def curves_file_name(model: str) -> str:
+    """The name of a model's figure in a sweep folder: ``curves_<model>.png``, the model's
+    name with anything but letters, digits, ``-`` and ``_`` replaced by ``_``."""
+    return f"curves_{_slug(model)}.png"
 
 
 def _slug(text: str) -> str:

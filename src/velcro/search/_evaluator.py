@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.apply import ConstantReplace
+from velcro.apply import ConstantReplace, check_activation_shape
 from velcro.calibrate import model_device
 from velcro.distributed import process_group
 from velcro.errors import VelcroError
@@ -111,7 +111,7 @@ class CandidateEvaluator:
         if [s.name for s in sites] != rankings.names:
             raise VelcroError("the statistics' sites differ from the model's; calibrate this model")
         replacers = {
-            r.name: ConstantReplace(torch.zeros(r.shape, dtype=torch.bool), r.source)
+            r.name: ConstantReplace(torch.zeros(r.shape, dtype=torch.bool), r.source, r.name)
             for r in rankings.sites
         }
         insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
@@ -185,6 +185,7 @@ class CandidateEvaluator:
                 if site is not None:
                     mask = self.masks[site]
                     module = self.modules[node.target]
+                    check_activation_shape(args[0], module.mask.shape, module.site)
                     value = args[0] if mask is None else torch.where(
                         mask, module.constant.to(args[0].dtype), args[0])
                 else:
