@@ -30,6 +30,7 @@ from velcro.evaluate import Report, wilson_interval
 from velcro.plan import Plan
 from velcro.report import _plots as plots
 from velcro.report._html import page
+from velcro.report._search import search_parts
 from velcro.report._tables import Table, count, interval, pct, points, sweep_tables
 from velcro.stats import Stats
 
@@ -199,6 +200,8 @@ def _sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict
         images = search.get("search_images")
         for label, key in (("uncompressed, search split", "baseline_accuracy"),
                            ("compressed, search split", "search_accuracy")):
+            if search.get(key) is None:  # searched on unlabelled images
+                continue
             result = _accuracy({"accuracy": search[key], "images": images})
             rows.append([label, pct(result["accuracy"]), interval(result["ci95"]),
                          count(images)])
@@ -215,6 +218,9 @@ def _sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict
                 note += f", 95% CI [{points(paired['ci95'][0])}, {points(paired['ci95'][1])}]"
             if "gained" in paired:
                 note += f"; {paired['gained']} images gained, {paired['lost']} lost"
+            if validation.get("agreement") is not None:
+                note += (f"; top-1 agreement with the uncompressed model "
+                         f"{pct(validation['agreement'])}")
             parts.append(("note", note + " (paired, same images)."))
         if before and after:
             cards.append(("top-1 before → after", f"{pct(before['accuracy'], 1)} → "
@@ -261,22 +267,7 @@ def _sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict
         sections.append(("Plan", [*parts, ("scroll", table)]))
 
     if search is not None:
-        phases = search.get("settings", {}).get("evaluations_per_phase", {})
-        rows = [["objective", f"{search['objective']} = {search['objective_value']:.4f}"],
-                ["tolerance", f"{100 * search['tolerance']:.2f} pp of top-1"],
-                ["search images", count(search.get("search_images"))],
-                ["evaluations", count(search["evaluations"])],
-                ["per phase", ", ".join(f"{k} {v}" for k, v in phases.items()) or "–"],
-                ["wall time", f"{search['wall_time_s']:.1f} s"]]
-        share = search.get("settings", {}).get("graph_share_run")
-        if share is not None:
-            rows.append(["graph run per evaluation (cached activations)", pct(share, 1)])
-        parts = [Table("Threshold search", ["", "value"], rows, "ll")]
-        if search.get("trajectory"):
-            parts.append(figure("search.png", plots.trajectory_figure(
-                search["trajectory"], search["baseline_accuracy"], search["tolerance"]),
-                "Every candidate the search evaluated, on the search split"))
-        sections.append(("Search", parts))
+        sections.append(("Search", search_parts(search, figure)))
 
     if sweep is not None and sweep.points:
         parts = []
