@@ -64,19 +64,29 @@ def _head(model: nn.Module) -> list[nn.Module]:
 
 
 def magnitude_pruned(model: nn.Module, ratio: float, example: torch.Tensor,
-                     global_pruning: bool = False) -> nn.Module:
+                     global_pruning: bool = False, keep: Sequence[str] = ()) -> nn.Module:
     """Torch-Pruning's ``MagnitudePruner`` (L2 group norm, couplings pruned together), one
-    ratio, no fine-tuning; the classifier head is kept."""
+    ratio, no fine-tuning; the classifier head and the modules named in ``keep`` are left
+    whole."""
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
     if ratio > 0:
+        kept = _head(pruned) + [pruned.get_submodule(name) for name in keep]
         pruner = tp.pruner.MagnitudePruner(
             pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio, global_pruning=global_pruning,
-            ignored_layers=_head(pruned))
+            pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=kept)
         pruner.step()
     return pruned.eval()
+
+
+def residual_convolutions(model: nn.Module) -> list[str]:
+    """The CIFAR ResNets' convolutions whose outputs meet a residual addition (the stem and
+    every block's ``conv2``). Torch-Pruning's dependency graph does not see the parameter-free
+    "option A" shortcut (subsample and zero-pad the channels), so pruning them breaks the
+    additions; a user keeps them whole and prunes each block's inner ``conv1``."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+            and (name == "conv1" or name.endswith(".conv2"))]
 
 
 def guarded_ratio(levels: Sequence[float], measure: Callable[[float, str], object],

@@ -213,9 +213,12 @@ def torch_pruning_row(case: Case, method) -> dict:
     example = case.heldout[:1]
     pruned: dict = {}
 
+    keep = (protocol.residual_convolutions(case.model)
+            if case.model_name.startswith("cifar_") else [])
+
     def model_at(ratio: float):
         if ratio not in pruned:
-            pruned[ratio] = protocol.magnitude_pruned(case.model, ratio, example)
+            pruned[ratio] = protocol.magnitude_pruned(case.model, ratio, example, keep=keep)
         return pruned[ratio]
 
     def measure(ratio: float, part: str):
@@ -234,6 +237,7 @@ def torch_pruning_row(case: Case, method) -> dict:
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's failures are many; record it
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"ratio": ratio, "saving_ratio": None, "macs_saved": reduction["macs"],
+            "kept_whole": keep,
             "parameters_saved": reduction["parameters"], "evaluations": len(log),
             "search_seconds": time.perf_counter() - began, "settings": settings,
             "heldout": _heldout(case, protocol.logits_of(chosen, case.heldout))}
