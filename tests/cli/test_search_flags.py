@@ -44,7 +44,7 @@ def search_args(ws, stats, out, *extra):
     (["--confidence", "high"], ["--confidence", "high"]),
     (["--check-fraction", "1"], ["--check-fraction", "1"]),
     (["--check-fraction", "-0.2"], ["--check-fraction", "-0.2"]),
-    (["--tolerance", "1.5"], ["--tolerance", "1.5", "agreement"]),
+    (["--tolerance", "1.5"], ["--tolerance", "1.5", "accuracy"]),
     (["--tolerance", "-0.01", "--criterion", "kl"], ["--tolerance", "-0.01", "kl"]),
     (["--tolerance", "0"], ["--tolerance", "tolerance 0 with a confidence bound"]),
 ])

@@ -240,7 +240,7 @@ def test_fidelity_criteria_need_no_labels(task):
     ({"confidence": 1.0}, "confidence 1.0 is out of range"),
     ({"confidence": 0.2}, "confidence 0.2 is out of range"),
     ({"tolerance": 0.0}, "tolerance 0 with a confidence bound accepts no plan"),
-    ({"tolerance": 1.5}, "tolerance 1.5 is out of range for criterion 'agreement'"),
+    ({"tolerance": 1.5}, "tolerance 1.5 is out of range for criterion 'accuracy'"),
     ({"check_fraction": 1.0}, "check_fraction 1.0 is out of range"),
     ({"check_fraction": -0.1}, "check_fraction -0.1 is out of range"),
 ])

@@ -5,12 +5,14 @@ task's images (carved from the non-validation images); the validation images are
 afterwards, by :func:`validate`, which records the accuracy, the fidelity and the trade-off
 on them beside the search's figures.
 
-**What is kept** (``criterion``, ``tolerance``, ``confidence``; see ``_criteria``): by default
-the uncompressed model's behaviour, i.e. the share of images whose top-1 prediction changes
-(``agreement``; needs no labels, and bounds the top-1 loss on any images), or the mean KL
-divergence of the softmax (``kl``), or top-1 accuracy against labels (``accuracy``). A
-candidate is *feasible* when a one-sided paired upper confidence bound on its loss is within
-the tolerance (the point estimate with ``confidence=None``).
+**What is kept** (``criterion``, ``tolerance``, ``confidence``; see ``_criteria``): top-1
+accuracy against the labels (``accuracy``, the default), or fidelity to the uncompressed
+model, which needs no labels so that every non-held-out image of the task can serve: the
+share of images whose top-1 prediction changes (``agreement``; it bounds the top-1 loss on
+any images) or the mean KL divergence of the softmax (``kl``). Every candidate is compared
+with the uncompressed model image by image, and is *feasible* when a one-sided paired upper
+confidence bound on its loss is within the tolerance (the point estimate with
+``confidence=None``).
 
 **Nested validation** (``check_fraction``; see ``_check``): a part of the search images is
 held back; after the search, a fixed sequence of candidates of growing saving, taken from
@@ -84,9 +86,14 @@ __all__ = ["CRITERIA", "DEFAULTS", "UNGUARDED", "SearchResult", "SearchSchedule"
            "filter_norm_score", "random_score", "search", "validate"]
 
 OBJECTIVES = ("saving_ratio", "macs")
-DEFAULTS = {"criterion": "agreement", "tolerance": 0.02, "confidence": 0.9,
+DEFAULTS = {"criterion": "accuracy", "tolerance": 0.02, "confidence": 0.8,
             "check_fraction": 0.25}
-"""The defaults of :func:`search` and ``velcro search`` (measured: benchmarks/RESULTS.md)."""
+"""The defaults of :func:`search` and ``velcro search``: top-1 within 2 points at 80%
+confidence, a quarter of the search images held back for the check. Why accuracy and not
+agreement: on the CIFAR ResNets a plan changes many predictions that cancel out (5% of the
+elements replaced changed 9% of the top-1 predictions of {cat, dog} and none of its
+accuracy), so a bound on agreement that protects top-1 keeps a small share of the saving;
+measured in benchmarks/RESULTS.md."""
 UNGUARDED = {"criterion": "accuracy", "tolerance": 0.0, "confidence": None,
              "check_fraction": 0.0}
 """The search before issue 14: top-1 point estimate on every search image, no check."""
