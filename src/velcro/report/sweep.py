@@ -251,11 +251,11 @@ def sweep(
         task_classes: restrict the argmax to these classes, if given.
         schedule, budget: passed to :func:`velcro.search`.
         search_options: the search's criterion, confidence and check
-            (:func:`velcro.search`'s keywords); default ``velcro.search.UNGUARDED`` without
-            its tolerance: top-1 point estimates on every search image, so that the
-            tolerances are points of search top-1. Give e.g. ``{"criterion": "agreement",
-            "confidence": 0.9, "check_fraction": 0.25}`` with tolerances above 0 to sweep
-            the guarded search.
+            (:func:`velcro.search`'s keywords); default ``UNGUARDED`` (from
+            ``velcro.search``) without its tolerance: top-1 point estimates on every search
+            image, so that the tolerances are points of search top-1. Give e.g.
+            ``{"confidence": 0.8, "check_fraction": 0.25}`` with tolerances above 0 to
+            sweep the guarded search.
         progress: show progress on stderr.
 
     Returns:

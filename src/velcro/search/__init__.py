@@ -175,7 +175,8 @@ def search(
         >>> result = velcro.search(model, stats, search_loader, granularity="channel",
         ...                        tolerance=0.02, confidence=0.9, criterion="agreement")
         >>> result.plan.save("cats.plan.json")
-        >>> today = velcro.search(model, stats, search_loader, **velcro.search.UNGUARDED)
+        >>> from velcro.search import UNGUARDED
+        >>> today = velcro.search(model, stats, search_loader, **UNGUARDED)
     """
     if objective not in OBJECTIVES:
         raise VelcroError(f"objective '{objective}' is unknown; use 'saving_ratio' or 'macs'")
