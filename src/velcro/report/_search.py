@@ -71,7 +71,7 @@ def tradeoff_figure(tradeoff: list[dict]) -> bytes:
     left.set_ylabel("validation top-1 change (points)")
     left.legend(fontsize=7)
     right.set_xlabel("compression-saving ratio C (%)")
-    right.set_ylabel("top-1 agreement with the uncompressed model (%)")
+    right.set_ylabel("top-1 agreement with the original (%)")
     for axes in (left, right):
         axes.grid(alpha=0.3)
     figure.suptitle("Trade-off on the validation images (never used to choose)", fontsize=10)
