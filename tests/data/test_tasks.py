@@ -82,3 +82,21 @@ def test_classes_beyond_the_class_list_are_refused():
         parse_classes("1,7", ["a", "b", "c", "d", "e"])
     with pytest.raises(VelcroError, match="unknown class 'n99999999'.*not in the class list"):
         parse_classes("n99999999", ["n00000001"])
+
+
+@pytest.mark.parametrize("classes", ["3", "7-7", [4], (4, 4)])
+def test_a_single_class_task_is_refused(classes):
+    # top-1 on a one-class task is reached by a constant model: "no loss" would mean nothing
+    with pytest.raises(VelcroError, match="a single class") as caught:
+        resolve_task(classes=classes)
+    assert "\n" not in str(caught.value) and "at least two classes" in str(caught.value)
+
+
+def test_a_single_class_task_is_refused_by_the_cli(tmp_path, capsys):
+    from velcro.cli import main
+
+    code = main(["calibrate", str(tmp_path), "--model", "resnet18", "--classes", "3",
+                 "-o", str(tmp_path / "s.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--classes" in err[0] and "single class" in err[0]
+    assert not (tmp_path / "s.safetensors").exists()

@@ -165,6 +165,10 @@ def resolve_task(
     Returns:
         ``(name, classes)``; ``(None, None)`` when neither is given (every class).
 
+    Raises:
+        VelcroError: both given, unknown names or classes, or a single class (a constant
+            model reaches its top-1, so "no loss" would mean nothing).
+
     Example:
         >>> resolve_task("cats")
         ('cats', [281, 282, 283, 284, 285])
@@ -178,8 +182,17 @@ def resolve_task(
     if classes is None:
         return None, None
     if isinstance(classes, str):
-        return "custom", parse_classes(classes, class_list)
-    values = sorted({int(c) for c in classes})
-    if not values or values[0] < 0:
-        raise VelcroError("classes must be a non-empty set of indices >= 0")
+        values = parse_classes(classes, class_list)
+    else:
+        values = sorted({int(c) for c in classes})
+        if not values or values[0] < 0:
+            raise VelcroError("classes must be a non-empty set of indices >= 0")
+    if len(values) == 1:
+        # a constant model predicting that class reaches 100% top-1: "no accuracy loss"
+        # would hold for any compression, so the task says nothing about the plan
+        raise VelcroError(
+            f"--classes: a task with a single class ({values[0]}) is refused: a constant "
+            "model reaches its top-1, so 'no accuracy loss' means nothing; give at least two "
+            "classes"
+        )
     return "custom", values

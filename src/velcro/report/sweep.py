@@ -52,7 +52,7 @@ from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import evaluate
 from velcro.plan import GRANULARITIES, Plan, plan
-from velcro.search import SearchSchedule, search
+from velcro.search import UNGUARDED, SearchSchedule, search
 from velcro.stats import Stats
 
 __all__ = ["Sweep", "sweep", "zero_elements"]
@@ -301,6 +301,7 @@ def sweep(
     task_classes: Sequence[int] | None = None,
     schedule: SearchSchedule | None = None,
     budget: int | None = None,
+    search_options: dict | None = None,
     progress: bool = True,
 ) -> Sweep:
     """Top-1 on the validation images against C, for uniform and searched plans.
@@ -321,6 +322,12 @@ def sweep(
             no search, the search images still choose among the uniform thresholds).
         task_classes: restrict the argmax to these classes, if given.
         schedule, budget: passed to :func:`velcro.search`.
+        search_options: the search's criterion, confidence and check
+            (:func:`velcro.search`'s keywords); default ``UNGUARDED`` (from
+            ``velcro.search``) without its tolerance: top-1 point estimates on every search
+            image, so that the tolerances are points of search top-1. Give e.g.
+            ``{"confidence": 0.8, "check_fraction": 0.25}`` with tolerances above 0 to
+            sweep the guarded search.
         progress: show progress on stderr.
 
     Returns:
@@ -355,6 +362,8 @@ def sweep(
         return {"search_correct": report.correct, "search_images": report.images,
                 "search_baseline_correct": baseline_correct}
 
+    options = {key: value for key, value in UNGUARDED.items() if key != "tolerance"}
+    options.update(search_options or {})
     points = []
     previous = None
     with bar:
@@ -376,7 +385,8 @@ def sweep(
             # the largest tolerance first: its profile holds every point the smaller need
             for tolerance in sorted(tolerances, reverse=True):
                 result = search(model, stats, search_data, granularity=granularity,
-                                tolerance=tolerance, schedule=schedule, budget=budget,
+                                **{**options, "tolerance": tolerance},
+                                schedule=schedule, budget=budget,
                                 task_classes=task_classes, reuse=previous, progress=False)
                 previous = result
                 compressed = apply(model, result.plan, check=False)
