@@ -12,6 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from velcro._moments import ShapeChanged
+from velcro.data._preprocess import Preprocess
 from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
 from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
@@ -104,6 +105,13 @@ def _mixed_sizes(exc: ShapeChanged, first: tuple[int, ...],
     )
 
 
+def _preprocess_of(data: Iterable) -> Preprocess | None:
+    """The preprocessing of an :class:`~velcro.data.ImageLoader` (or a DataLoader over an
+    :class:`~velcro.data.ImageFolder`), recorded with the statistics."""
+    preprocess = getattr(getattr(data, "dataset", None), "preprocess", None)
+    return preprocess if isinstance(preprocess, Preprocess) else None
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -137,13 +145,16 @@ def calibrate(
             to one process's up to rounding (see :mod:`velcro.distributed`).
 
     Returns:
-        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints.
+        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints. Its
+        ``info`` records the input shape, and the preprocessing when ``data`` is an
+        :class:`~velcro.data.ImageLoader` (:func:`velcro.data.loader_for` reuses it).
 
     Example:
         >>> stats = velcro.calibrate(model, DataLoader(cats, batch_size=32))
         >>> stats.count
         256
     """
+    preprocess = _preprocess_of(data)  # before sharding wraps the loader
     device = model_device(model)
     group = process_group(group)
     if group is not None:
@@ -202,4 +213,6 @@ def calibrate(
               **({"input_shape": list(first_batch.shape[1:])} if first_batch is not None
                  else {})},
     )
+    if preprocess is not None:  # what the images went through: reused by loader_for
+        stats.info["preprocess"] = preprocess.to_dict()
     return stats if group is None else merge_stats(stats, group)
