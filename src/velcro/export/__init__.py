@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from velcro._io import atomic_path
-from velcro.export._rewrite import constants_last
 from velcro.errors import VelcroError
+from velcro.export._rewrite import constants_last
 
 DEFAULT_OPSET = 18
 # Operators that decide from data values where values go (or whether they run); a trimmed
