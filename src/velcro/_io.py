@@ -161,7 +161,8 @@ def _rename(tmp: Path, path: Path) -> None:
 def atomic_group() -> Iterator[None]:
     """Write several files as one: each :func:`atomic_path` inside waits, and all are
     renamed into place when the block ends without error; on error none is, and every
-    temporary file is removed. Groups nest (an inner group joins the outer one).
+    temporary file is removed. Should a rename fail, the renames before it are undone (the
+    files they replaced come back). Groups nest (an inner group joins the outer one).
 
     A file written inside the group cannot be read back inside it (it is not there yet).
 
@@ -184,15 +185,49 @@ def atomic_group() -> Iterator[None]:
         raise
     finally:
         _PENDING.reset(token)
-    # All the data is on disk; what remains are renames, which need no space.
-    for index, (tmp, path) in enumerate(pending):
-        try:
-            _rename(tmp, path)
-        except OSError as exc:
-            for later, _ in pending[index:]:
+    # All the data is on disk; what remains are renames, which need no space. The files they
+    # replace are kept (hard links) until all renames are done, so that a failed rename can
+    # put back the ones done before it: every file is new, or every file is old.
+    backups = [_backup(path) for _, path in pending]
+    try:
+        for index, (tmp, path) in enumerate(pending):
+            try:
+                _rename(tmp, path)
+            except BaseException as exc:
+                for later, _ in pending[index:]:
+                    with contextlib.suppress(OSError):
+                        later.unlink()
+                if not isinstance(exc, OSError):
+                    raise
+                for (_, done), backup in zip(pending[:index], backups, strict=False):
+                    _restore(done, backup)
+                raise _write_error(path, exc) from None
+    finally:
+        for backup in backups:
+            if backup is not None:
                 with contextlib.suppress(OSError):
-                    later.unlink()
-            raise _write_error(path, exc) from None
+                    backup.unlink()
+
+
+def _backup(path: Path) -> Path | None:
+    """A hard link to the file ``path`` holds now (None: no file, or links not possible)."""
+    if not path.is_file():
+        return None
+    backup = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.old")
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links: the old file cannot be put back
+        return None
+    return backup
+
+
+def _restore(path: Path, backup: Path | None) -> None:
+    """Undo a rename of the group: the old file back, or no file where there was none."""
+    with contextlib.suppress(OSError):
+        if backup is not None:
+            os.replace(backup, path)
+        else:
+            path.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -20,16 +20,36 @@ class ConstantReplace(nn.Module):
         constant: tensor of that shape holding the constants at masked positions.
     """
 
-    def __init__(self, mask: torch.Tensor, constant: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, constant: torch.Tensor, site: str = "") -> None:
         super().__init__()
         self.register_buffer("mask", mask.clone())
         self.register_buffer("constant", constant.clone())
+        self.site = site
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation_shape(x, self.mask.shape, self.site)
         return torch.where(self.mask, self.constant.to(x.dtype), x)
 
     def extra_repr(self) -> str:
         return f"constant={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def check_activation_shape(x: torch.Tensor, shape: torch.Size | tuple[int, ...],
+                           site: str = "") -> None:
+    """Raise VelcroError unless the batch ``x`` has one image's activation ``shape`` per
+    image: a plan's constants are per element of the calibration images' activations, and
+    images of another size (another crop, another preprocessing) do not fit them."""
+    if tuple(x.shape[1:]) == tuple(shape):
+        return
+    def text(dims) -> str:
+        return "x".join(map(str, dims))
+
+    where = f" at site '{site}'" if site else ""
+    raise VelcroError(
+        f"the images give activations of {text(x.shape[1:])}{where}, but the plan's constants "
+        f"are {text(shape)}: the plan was made on images of another size; preprocess these "
+        "images as for calibration (velcro.data.loader_for(stats, ...) reuses what the "
+        "statistics record; on the command line, leave --resize/--crop out)")
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -68,7 +88,8 @@ def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule
         site_plan = plan.sites.get(site.name)
         if site_plan is None or site_plan.units.numel() == 0:
             continue
-        replacers[site.name] = ConstantReplace(plan.mask(site.name), site_plan.constant)
+        replacers[site.name] = ConstantReplace(plan.mask(site.name), site_plan.constant,
+                                               site.name)
     insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return gm.to(device)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from velcro._moments import ShapeChanged
+from velcro.data._preprocess import Preprocess
 from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
 from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
@@ -98,6 +99,13 @@ def _mixed_sizes(exc: ShapeChanged, first: tuple[int, ...],
     )
 
 
+def _preprocess_of(data: Iterable) -> Preprocess | None:
+    """The preprocessing of an :class:`~velcro.data.ImageLoader` (or a DataLoader over an
+    :class:`~velcro.data.ImageFolder`), recorded with the statistics."""
+    preprocess = getattr(getattr(data, "dataset", None), "preprocess", None)
+    return preprocess if isinstance(preprocess, Preprocess) else None
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -131,13 +139,16 @@ def calibrate(
             to one process's up to rounding (see :mod:`velcro.distributed`).
 
     Returns:
-        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints.
+        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints. Its
+        ``info`` records the input shape, and the preprocessing when ``data`` is an
+        :class:`~velcro.data.ImageLoader` (:func:`velcro.data.loader_for` reuses it).
 
     Example:
         >>> stats = velcro.calibrate(model, DataLoader(cats, batch_size=32))
         >>> stats.count
         256
     """
+    preprocess = _preprocess_of(data)  # before sharding wraps the loader
     gm = trace(model)
     sites = find_sites(gm)
     if not sites:
@@ -156,11 +167,15 @@ def calibrate(
     bar = tqdm(total=_total(data, max_images), unit="img", desc="calibrate",
                disable=not progress, file=sys.stderr, leave=False)
 
+    shapes: list[tuple[int, ...]] = []
+
     def observe() -> int:
         images, first = 0, None
         with bar:
             for batch in batches(data, max_images):
-                first = first or tuple(batch.shape[1:])
+                if first is None:
+                    first = tuple(batch.shape[1:])
+                    shapes.append(first)
                 try:
                     gm(batch.to(device, non_blocking=True))
                 except ShapeChanged as exc:
@@ -184,4 +199,8 @@ def calibrate(
         weights=weights_fingerprint(model),
         info={"model": type(model).__name__},
     )
+    if shapes:
+        stats.info["input_shape"] = list(shapes[0])
+    if preprocess is not None:  # what the images went through: reused by loader_for
+        stats.info["preprocess"] = preprocess.to_dict()
     return stats if group is None else merge_stats(stats, group)

@@ -52,6 +52,7 @@ class Report:
             (None when no task was given).
         labels: per-image label.
         task_classes: the task's class indices, if given.
+        predicted: per-image top-1 class over all classes (to compare two models' outputs).
         info: free-form labels (``model``: what was evaluated), kept in :meth:`to_dict`.
 
     ``print(report)`` shows a short summary; the per-image tensors stay in the attributes.
@@ -70,6 +71,7 @@ class Report:
     task_hits: torch.Tensor | None = None
     task_classes: list[int] | None = None
     info: dict = field(default_factory=dict)
+    predicted: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         low, high = self.ci95
@@ -257,7 +259,7 @@ def evaluate(
         >>> after = velcro.evaluate(small, val_loader, task_classes=[281, 282, 283])
         >>> after.paired_difference(before)
     """
-    hits, task_hits, all_labels = [], [], []
+    hits, task_hits, all_labels, predicted = [], [], [], []
     classes = torch.as_tensor(list(task_classes), dtype=torch.long) if task_classes else None
     group = process_group(group)
     if group is not None:
@@ -276,7 +278,8 @@ def evaluate(
                     f"task class {int(classes.max())} is out of range for a model with "
                     f"{logits.shape[1]} classes; check --classes"
                 )
-            hits.append(logits.argmax(1) == labels)
+            predicted.append(logits.argmax(1))
+            hits.append(predicted[-1] == labels)
             if classes is not None:
                 task_hits.append(classes[logits[:, classes].argmax(1)] == labels)
             all_labels.append(labels)
@@ -287,11 +290,11 @@ def evaluate(
         run_together(group, collect)
         positions = batch_positions(data.starts, [h.numel() for h in hits])
         columns = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64)
-                   for c in (hits, all_labels, task_hits)]
-        merged = gather_in_order(positions, columns if classes is not None else columns[:2],
+                   for c in (hits, all_labels, predicted, task_hits)]
+        merged = gather_in_order(positions, columns if classes is not None else columns[:3],
                                  group)
-        hits, all_labels = [merged[0].bool()], [merged[1]]
-        task_hits = [merged[2].bool()] if classes is not None else []
+        hits, all_labels, predicted = [merged[0].bool()], [merged[1]], [merged[2]]
+        task_hits = [merged[3].bool()] if classes is not None else []
     if not sum(h.numel() for h in hits):
         raise VelcroError("evaluation data yielded no images; give at least one labelled image")
     return Report(
@@ -299,4 +302,5 @@ def evaluate(
         torch.cat(all_labels),
         torch.cat(task_hits) if classes is not None else None,
         [int(c) for c in task_classes] if task_classes else None,
+        predicted=torch.cat(predicted),
     )

@@ -108,7 +108,7 @@ def test_nothing_readable_fails_and_names_a_file(ws, cli, out, tmp_path):
         (data / label).mkdir(parents=True)
         (data / label / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert_fails(cli, *calibrate_args(ws, data, out, "--calibration-fraction", "0.5"),
-                 names=["none of the", "x.png"], untouched=out)
+                 names=["the one image", "could not be read", "x.png"], untouched=out)
 
 
 # ---- model and weights -------------------------------------------------------------------

@@ -195,6 +195,17 @@ def test_sweep_folder_holding_an_input_at_a_name_it_writes(ws, cli, inputs, tmp_
                   *DATA_OPTIONS], "--output", stats, "--stats", untouched=[tmp_path])
 
 
+def test_sweep_folder_holding_an_input_at_the_curves_name(ws, cli, inputs, tmp_path):
+    """sweep writes curves_MODEL.png too (here curves_clitiny_factory.png)."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    stats = out / "curves_clitiny_factory.png"
+    shutil.copy2(inputs / "s.safetensors", stats)
+    refused(cli, ["sweep", "--stats", stats, "--split", inputs / "s.split.json", *TINY,
+                  "--weights", inputs / "w.safetensors", "--no-search", "-o", out,
+                  *DATA_OPTIONS], "--output", stats, "--stats", untouched=[tmp_path])
+
+
 @pytest.mark.parametrize("output, option", [("p.json", "--plan"), ("s.html", "--stats")])
 def test_report_output_onto_an_input(cli, inputs, tmp_path, output, option):
     """report -o X.html also writes X.md: here s.md is the statistics."""

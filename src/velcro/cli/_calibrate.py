@@ -20,9 +20,17 @@ Run the unchanged model on the task's calibration images (a seeded 2% of the tas
 default; the rest is the validation set) and save every activation site's mean and variance.
 The split is saved beside the statistics so that evaluation uses the disjoint images.
 
-example:
+The images are preprocessed as the registered model's weights expect (--model
+cifar_resnet56: 32x32, no resize; efficientnet_lite0: TensorFlow's crop, bicubic, 0..255),
+or with torchvision's ImageNet transform for a model of your own; --resize, --crop, --mean,
+--std, --interpolation, --scale and --crop-fraction change single settings. What was used is
+recorded in the statistics and the split, and reused by search, evaluate and sweep.
+
+examples:
   velcro calibrate imagenet/val --task cats --class-list LOC_synset_mapping.txt \\
       --model resnet18 --weights resnet18-f37072fd.pth -o cats.stats.safetensors
+  velcro calibrate cifar10/test --task cifar-cats-dogs --model cifar_resnet56 \\
+      --weights resnet56.safetensors --search-fraction 0.2 -o catdog.stats.safetensors
 """
 
 
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     model = common.load_model(args, device)
     data = common.open_task_data(args)
     folder = data.folder
+    task_classes = data.classes or folder.classes  # with those that have no folder here
     the_split = data.split
     if the_split is None:
         fractions = {"calibration": args.calibration_fraction}
@@ -90,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         fractions["validation"] = None
         parts = split(folder.samples, fractions, seed=args.seed, labels=folder.targets)
         the_split = Split(parts, str(folder.root.resolve()), args.seed, fractions, {
-            "task": data.task, "classes": folder.classes,
+            "task": data.task, "classes": task_classes,
             "class_to_index": folder.class_to_index, "labels": folder.label_mode,
+            "model": args.model, **data.record(),
         })
     loader = common.make_loader(folder.subset(the_split["calibration"]), args, device)
     stats = velcro.calibrate(model, loader, max_images=args.max_images,
@@ -99,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
     skipped = loader.skipped_list()
     split_file = str(split_path if split_path is not None else args.split)
     stats.info.update({
-        **common.model_info(args), "task": data.task, "classes": folder.classes,
+        **common.recorded_model_info(args), "weights_fingerprint": stats.weights,
+        "task": data.task, "classes": task_classes, "classes_with_images": folder.classes,
         "data": str(folder.root.resolve()), "split": split_file,
-        "preprocess": folder.preprocess.to_dict(), "skipped": skipped,
+        "input_shape": stats.info.get("input_shape"), **data.record(), "skipped": skipped,
     })
     if is_main():  # under torchrun every rank holds the same merged stats; one writes
         with atomic_group():  # both files, or neither: no statistics without their split
@@ -112,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
     elements = sum(s.mean.numel() for s in stats.sites.values())
     summary = {
         "command": "calibrate", **common.model_info(args), "task": data.task,
-        "classes": folder.classes, "data": str(folder.root.resolve()),
+        "classes": task_classes, "classes_with_images": folder.classes,
+        "input_shape": stats.info.get("input_shape"), **data.record(),
+        "data": str(folder.root.resolve()),
         "split": split_file, "split_counts": the_split.counts(),
         "calibration_images": stats.count, "skipped": skipped,
         "sites": len(stats), "activation_elements": elements, "stats": str(stats_path),
@@ -122,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         f"calibrated {type(model).__name__} on {plural(stats.count, 'image')} "
         f"(task {data.task or 'all folders'}; split {counts})",
         f"{plural(len(stats), 'activation site')}, {plural(elements, 'element')} per image",
+        *data.lines(),
         f"wrote {stats_path}" + (f" and {split_path}" if split_path is not None else ""),
         *common.skipped_lines(skipped),
     ]

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         thresholds = parse_thresholds(args.thresholds, stats.names)
         plan = velcro.plan(stats, thresholds, granularity=args.granularity, score=args.score,
                            constant=args.constant)
-        plan.info.update({"stats": str(args.stats), "thresholds_given": args.thresholds})
+        plan.info.update({**common.carried_info(stats), "stats": str(args.stats),
+                          "thresholds_given": args.thresholds})
     if trim_path is not None and plan.granularity != "channel":
         raise VelcroError("--trim needs a channel plan (whole filters); give --granularity "
                           "channel, or evaluate the element plan with `velcro evaluate --plan`")

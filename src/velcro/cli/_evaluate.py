@@ -19,9 +19,11 @@ Top-1 accuracy over all of the model's classes (the papers' protocol) and restri
 task's classes, per class, with 95% intervals. With --plan, the model with the plan applied
 (or trimmed) is evaluated on the same images as the model without it and the paired
 difference is reported. With --split, the split's validation images are used (those
-calibration never saw) and the task comes from it. Rows are named by what they are: the
-model (its registry name or file stem) and "with plan"; in --json, "evaluated" and
-"with_plan".
+calibration never saw) and the task comes from it. The images are preprocessed as the plan
+(else the split) records that calibration saw them, else as the model's weights expect; an
+option that differs from the recorded setting is refused (--force-preprocess overrides).
+Rows are named by what they are: the model (its registry name or file stem) and "with
+plan"; in --json, "evaluated" and "with_plan".
 
 example:
   velcro evaluate --split cats.stats.split.json --model resnet18 \\
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         common.named("--plan", args.plan, check_plan_fits, model, plan)
         if args.trim and plan.granularity != "channel":
             raise VelcroError(f"--trim needs a channel plan; '{args.plan}' is an element plan")
-    data = common.open_task_data(args)
+    recorded = [(f"--plan '{args.plan}'", plan)] if plan is not None else []
+    data = common.open_task_data(args, recorded)
     folder = data.folder
     subset = None
     if data.split is not None:
@@ -131,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "command": "evaluate", **common.model_info(args), "data": str(folder.root.resolve()),
         "split": args.split, "subset": subset, "task": data.task, "classes": task_classes,
-        "images": first.images, "skipped": skipped,
+        "images": first.images, **data.record(), "skipped": skipped,
         **{name: report.to_dict() for name, report in reports.items()},
     }
     lines = [f"{data.task or 'all folders'}: {plural(first.images, 'image')}"
-             + (f" ({subset} set of {args.split})" if subset else "")]
+             + (f" ({subset} set of {args.split})" if subset else ""), *data.lines()]
     width = max(len(label) for label in labels.values())
     lines += [_report_line(labels[key], report, width) for key, report in reports.items()]
     if plan is not None:

@@ -34,8 +34,9 @@ def add_parser(subparsers) -> None:
         description=DESCRIPTION)
     parser.add_argument("file", nargs="?", metavar="FILE")
     common.add_model_options(parser, required=False)
-    parser.add_argument("--input-shape", default="3,224,224", metavar="C,H,W",
-                        help="input shape for a model's site shapes (default 3,224,224)")
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W",
+                        help="input shape for a model's site shapes (default: a registered "
+                             "model's, from its preprocessing; else 3,224,224)")
     common.add_runtime_options(parser, data=False, device=False)
     parser.set_defaults(run=run)
 
@@ -99,6 +100,7 @@ def _stats(path: Path) -> tuple[dict, list[str]]:
     lines = [f"{path}: statistics of {plural(len(rows), 'site')} over "
              f"{plural(stats.count, 'image')} "
              f"(model {stats.info.get('model', '?')}, task {stats.info.get('task') or '-'})",
+             *_recorded_lines(stats.info, f"'{path}'"),
              f"{'site':<32} {'shape':<16} {'var min':>9} {'median':>9} {'max':>9} {'zero':>6}"]
     for row in rows:
         q = row["variance"]
@@ -106,6 +108,22 @@ def _stats(path: Path) -> tuple[dict, list[str]]:
                      f"{q['min']:9.2e} {q['median']:9.2e} {q['max']:9.2e} "
                      f"{common.percent(row['zero_variance']):>6}")
     return summary, lines
+
+
+def _recorded_lines(info: dict, where: str) -> list[str]:
+    """The preprocessing and weights a statistics file or plan records, as lines."""
+    from velcro.data import describe_preprocess, recorded_preprocess
+
+    lines = []
+    preprocess = recorded_preprocess(info, where)
+    if preprocess is not None:
+        shape = info.get("input_shape")
+        size = f"; input {'x'.join(map(str, shape))}" if shape else ""
+        lines.append(f"preprocessing: {describe_preprocess(preprocess)}{size}")
+    if info.get("weights"):
+        lines.append(f"weights: {info['weights']} (fingerprint "
+                     f"{info.get('weights_fingerprint', '?')})")
+    return lines
 
 
 def _plan(path: Path) -> tuple[dict, list[str]]:
@@ -118,7 +136,7 @@ def _plan(path: Path) -> tuple[dict, list[str]]:
                "saving_ratio": plan.saving_ratio, "structure": plan.structure,
                "weights": plan.weights, "info": plan.info, "sites": rows}
     lines = [f"{path}: {plan.granularity} plan over {plural(len(rows), 'site')}, C = "
-             f"{common.percent(plan.saving_ratio)}",
+             f"{common.percent(plan.saving_ratio)}", *_recorded_lines(plan.info, f"'{path}'"),
              f"{'site':<32} {'shape':<16} {'threshold':>9} {'chosen':>14}"]
     for row in rows:
         lines.append(f"{row['site']:<32} {'x'.join(map(str, row['shape'])):<16} "
@@ -195,7 +213,7 @@ def _model(args: argparse.Namespace) -> tuple[dict, list[str]]:
     model = common.load_model(args, torch.device("cpu"))
     gm = trace(model)
     sites = find_sites(gm)
-    shape = common.parse_shape(args.input_shape)
+    shape = common.default_input_shape(args, model)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *shape))

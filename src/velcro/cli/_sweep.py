@@ -13,7 +13,7 @@ from velcro.cli._shapes import check_sites_fit
 from velcro.distributed import is_main
 from velcro.errors import VelcroError
 from velcro.plan import GRANULARITIES
-from velcro.report.sweep import THRESHOLDS, TOLERANCES, Sweep, sweep
+from velcro.report.sweep import THRESHOLDS, TOLERANCES, Sweep, curves_file_name, sweep
 from velcro.search import SearchSchedule
 from velcro.stats import Stats
 
@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run, preflight=preflight)
 
 
-# what Sweep.save and the report write into OUTDIR (besides one curves_MODEL.png per model)
+# what Sweep.save and the report write into OUTDIR, besides the model's curves_MODEL.png
 WRITTEN = ("points.json", "points.csv", "tables.json", "tables.md", "report.html",
            "report.md")
 
@@ -92,7 +92,7 @@ def preflight(args: argparse.Namespace) -> Files:
         files.read_data(argparse.Namespace(**{**vars(args), "split": split}))
     out = Path(args.output)
     files.folders.append(("--output", out))
-    for name in WRITTEN:
+    for name in (*WRITTEN, curves_file_name(args.model)):
         files.write("--output", out / name)
     return files
 
@@ -119,28 +119,31 @@ def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     model = common.load_model(args, device)
     given_split = args.split
-    sweeps, splits = [], {}
+    tasks = []  # every task's statistics and images first: a bad one stops before any work
     for stats_file in args.stats:
         stats = Stats.load(stats_file)
         common.named("--stats", stats_file, stats.check_model, model)
         args.split = given_split or stats.info.get("split")
         if not args.split:
             raise VelcroError(f"--stats '{stats_file}' records no split; give --split FILE")
-        data = common.open_task_data(args)
-        task = data.task or stats.info.get("task") or Path(stats_file).name.split(".")[0]
-        search_loader = None
+        data = common.open_task_data(args, [(f"--stats '{stats_file}'", stats)])
         if not args.no_search and "search" not in data.split.sets:
             raise VelcroError(f"split '{args.split}' has no search set; calibrate with "
                               "--search-fraction, or give --no-search")
+        validation_folder = data.folder.subset(data.split["validation"])
+        check_sites_fit(model, {name: site.shape for name, site in stats.sites.items()},
+                        validation_folder, "--stats", stats_file)
+        tasks.append((stats_file, stats, data, args.split, validation_folder))
+    sweeps, splits, preprocessing, remarks = [], {}, {}, []
+    for stats_file, stats, data, split_file, validation_folder in tasks:
+        task = data.task or stats.info.get("task") or Path(stats_file).name.split(".")[0]
+        search_loader = None
         if "search" in data.split.sets:
             search_loader = common.make_loader(data.folder.subset(data.split["search"]),
                                                args, device)
         else:
-            common.note(f"split '{args.split}' has no search set: the maximum C at no loss "
+            common.note(f"split '{split_file}' has no search set: the maximum C at no loss "
                         "is chosen on the validation images it is reported on")
-        validation_folder = data.folder.subset(data.split["validation"])
-        check_sites_fit(model, {name: site.shape for name, site in stats.sites.items()},
-                        validation_folder, "--stats", stats_file)
         validation_loader = common.make_loader(validation_folder, args, device)
         sweeps.append(sweep(
             model, stats, validation_loader, search_data=search_loader,
@@ -150,10 +153,13 @@ def run(args: argparse.Namespace) -> int:
             schedule=SearchSchedule(levels=args.levels), budget=args.budget,
             progress=common.progress(args)))
         splits[str(task)] = data.split.counts()
+        preprocessing[str(task)] = data.record()
+        remarks += [f"{task}: {line}" for line in data.lines()]
     if not is_main():  # under torchrun: the ranks shared the evaluations; rank 0 reports
         return 0
     result = Sweep.merge(*sweeps)
-    result.info.update({"splits": splits, **common.model_info(args)})
+    result.info.update({"splits": splits, **common.model_info(args),
+                        "preprocessing": preprocessing})
     from velcro.report import write_report
 
     with atomic_group():  # the points, tables, curves and report appear together
@@ -163,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
                               "sweep": result}, out / "report.html")
     written += [paths["html"], paths["markdown"]]
     summary = {"command": "sweep", **common.model_info(args), "splits": splits,
+               "preprocessing": preprocessing,
                "tables": result.tables(), "points": len(result.points),
                "files": [str(p) for p in written]}
-    lines = [result.markdown(), "", *[f"wrote {p}" for p in written]]
+    lines = [result.markdown(), "", *remarks, *[f"wrote {p}" for p in written]]
     common.emit(args, summary, lines)
     return 0

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from velcro.data._preprocess import Preprocess, resized_size
+from velcro.data._preprocess import MAX_IMAGE_SIDE, Preprocess, resized_size
 from velcro.errors import VelcroError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -24,9 +24,8 @@ MAX_IMAGE_PIXELS = 89_478_485
 # Longer side over shorter side: a 1x20000 strip is no photograph of the task, and resizing
 # its shorter side to 256 would make it 256 x 5,120,000 pixels.
 MAX_ASPECT = 100
-# The largest --resize or --crop: beyond any model's input (a typo such as --crop 100000
-# would otherwise allocate 100000^2 pixels per image).
-MAX_IMAGE_SIDE = 4096
+# The largest --resize or --crop is MAX_IMAGE_SIDE (velcro.data._preprocess): beyond any model's
+# input (a typo such as --crop 100000 would otherwise allocate 100000^2 pixels per image).
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
 
 

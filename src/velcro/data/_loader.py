@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from velcro._format import plural
 from velcro.data.folder import ImageFolder, UnreadableImage
 from velcro.errors import VelcroError
 
@@ -109,10 +110,11 @@ class ImageLoader:
             yield images, labels
         if read == 0 and len(self.dataset) > 0:
             path, reason = next(iter(self.skipped.items()))
-            raise VelcroError(
-                f"none of the {len(self.dataset)} images in '{self.dataset.root}' could be "
-                f"read (first: '{path}': {reason}); check the files"
-            )
+            count = len(self.dataset)
+            which = (f"the one image in '{self.dataset.root}' could not be read" if count == 1
+                     else f"none of the {plural(count, 'image')} in '{self.dataset.root}' "
+                     "could be read")
+            raise VelcroError(f"{which} (first: '{path}': {reason}); check the files")
 
     def skipped_list(self) -> list[dict[str, str]]:
         """The skipped images as JSON-ready ``{"path", "reason"}`` rows, sorted by path."""

@@ -12,7 +12,12 @@ Class folders are mapped to the model's class indices in one of three ways:
 ``labels="auto"`` (the default) picks ``class-list`` when a class list is given, ``index``
 when every folder name is a number, and ``sorted`` otherwise; folders named by wnid without a
 class list are an error, since their sorted positions are ImageNet indices only when all 1000
-are present.
+are present. Folders named by index stay ``index`` beside a class list that does not name them
+(``../shared/data/cifar10/test/3/`` with ``classes.txt``): the list then only gives the classes
+names, for ``--classes cat,dog``.
+
+A task's classes need not all have a folder where ``missing_classes="skip"`` (a subset of a
+validation set, such as 82 of the 118 dog breeds): they are listed in ``missing_classes``.
 
 Scanning and decoding are bounded, so that a folder cannot hang or exhaust the machine:
 only regular files are images (a FIFO named ``x.png`` would block the reader forever),
@@ -35,6 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from velcro._format import plural
+from velcro.data._class_list import MAX_CLASS_LIST_BYTES, read_class_list
 from velcro.data._files import (
     IMAGE_EXTENSIONS,
     MAX_ASPECT,
@@ -51,9 +58,11 @@ from velcro.data._files import (
 from velcro.data._preprocess import Preprocess
 from velcro.errors import VelcroError
 
-__all__ = ["IMAGE_EXTENSIONS", "LABEL_MODES", "MAX_ASPECT", "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE",
-           "ImageFolder", "UnreadableImage", "read_class_list"]
+__all__ = ["IMAGE_EXTENSIONS", "LABEL_MODES", "MAX_ASPECT", "MAX_CLASS_LIST_BYTES",
+           "MAX_IMAGE_PIXELS", "MAX_IMAGE_SIDE", "MISSING_CLASSES", "ImageFolder",
+           "UnreadableImage", "read_class_list"]
 LABEL_MODES = ("auto", "class-list", "index", "sorted")
+MISSING_CLASSES = ("error", "skip")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -71,44 +80,6 @@ class UnreadableImage(VelcroError):
         super().__init__(f"cannot read image '{path}': {reason}; replace or remove the file")
         self.path = path
         self.reason = reason
-
-
-def read_class_list(path: str | os.PathLike) -> list[str]:
-    """The class names (wnids) of a class-list file, in index order.
-
-    One class per line; the first token of the line is the name (so ImageNet's
-    ``LOC_synset_mapping.txt`` works as is). Blank lines and ``#`` comments are skipped.
-
-    Example:
-        >>> read_class_list("LOC_synset_mapping.txt")[281]
-        'n02123045'
-    """
-    path = Path(path)
-    try:
-        with open_regular(path) as handle:  # a FIFO would wait for a writer forever
-            lines = handle.read().decode("utf-8").splitlines()
-    except NotRegular:
-        raise VelcroError(f"class list '{path}' is not a regular file (a FIFO, socket or "
-                          "device); give a text file with one wnid per line") from None
-    except FileNotFoundError:
-        raise VelcroError(f"class list '{path}' does not exist; give a file with one wnid "
-                          "per line in class-index order") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VelcroError(f"cannot read class list '{path}' ({type(exc).__name__}); give a "
-                          "text file with one wnid per line") from None
-    names = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(re.split(r"[\s,;]+", line, maxsplit=1)[0])
-    if not names:
-        raise VelcroError(f"class list '{path}' holds no class names; give one wnid per line")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise VelcroError(f"class list '{path}' names '{name}' twice; each class once")
-        seen.add(name)
-    return names
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -143,8 +114,12 @@ def _label_folders(folders: list[str], mode: str | Mapping[str, int],
         return "mapping", {name: int(mode[name]) for name in folders if name in mode}
     if mode not in LABEL_MODES:
         raise VelcroError(f"label mode '{mode}' is unknown; use one of {', '.join(LABEL_MODES)}")
-    if class_list is not None:
-        mode = "class-list"
+    if class_list is not None and mode in ("auto", "class-list"):
+        named = set(class_list)
+        index_folders = all(name.isdigit() for name in folders)
+        # class folders named by index beside a list of names: the list names the classes
+        mode = "index" if mode == "auto" and index_folders and not named & set(folders) \
+            else "class-list"
     elif mode == "class-list":
         raise VelcroError("labels 'class-list' need a class list; give --class-list FILE")
     elif mode == "auto":
@@ -182,28 +157,42 @@ def _label_folders(folders: list[str], mode: str | Mapping[str, int],
     return mode, {name: i for i, name in enumerate(folders)}
 
 
+def _classes_text(classes: list[int], limit: int = 6) -> str:
+    """``0-9`` for a run, ``151, 153, ... (82)`` for a long list."""
+    if not classes:
+        return ""
+    if classes == list(range(classes[0], classes[-1] + 1)) and len(classes) > 2:
+        return f"{classes[0]}-{classes[-1]}"
+    shown = ", ".join(map(str, classes[:limit]))
+    return shown + (f", ... ({len(classes)})" if len(classes) > limit else "")
+
+
 class ImageFolder(Dataset):
     """Labelled images from a folder with one sub-folder per class.
 
     Args:
         root: the data folder.
-        classes: keep only these class indices (a task); every one must have a folder.
-            None keeps every class folder.
+        classes: keep only these class indices (a task). None keeps every class folder.
         class_list: wnids in class-index order (a list or a class-list file) for folders
-            named by wnid.
+            named by wnid, or the class names of folders named by index.
         labels: how folders map to class indices: ``auto``, ``class-list``, ``index`` or
             ``sorted`` (see the module docstring), or an explicit mapping folder name ->
             class index (folders not in it are left out).
         preprocess: image -> tensor transform; default the ImageNet evaluation transform.
+        missing_classes: ``"error"`` (default): every class of ``classes`` must have a
+            folder; ``"skip"``: those without one are left out and listed in
+            ``missing_classes`` (a task on a subset of a validation set).
 
     Attributes:
         samples: ``(path relative to root, class index)`` for every image, sorted by path.
         class_to_index: class folder name -> class index, for the folders in use.
         label_mode: the mode in use after ``auto`` was resolved.
+        missing_classes: the classes of ``classes`` left out for want of a folder.
 
     Raises:
         VelcroError: missing or empty folder, a class folder without images, a task class
-            without a folder, folders that do not fit the label mode.
+            without a folder (unless skipped; never all of them), folders that do not fit the
+            label mode.
 
     Example:
         >>> cats = ImageFolder("val", classes=[281, 282, 283, 284, 285],
@@ -221,6 +210,7 @@ class ImageFolder(Dataset):
         class_list: Sequence[str] | str | os.PathLike | None = None,
         labels: str | Mapping[str, int] = "auto",
         preprocess: Preprocess | None = None,
+        missing_classes: str = "error",
     ) -> None:
         self.root = Path(root)
         self.preprocess = preprocess if preprocess is not None else Preprocess()
@@ -229,16 +219,28 @@ class ImageFolder(Dataset):
         self.class_list = list(class_list) if class_list is not None else None
         folders = _class_folders(self.root)
         self.label_mode, mapping = _label_folders(folders, labels, self.class_list, self.root)
+        #: task classes without a folder here (left out with ``missing_classes="skip"``)
+        self.missing_classes: list[int] = []
+        if missing_classes not in MISSING_CLASSES:
+            raise VelcroError(f"missing_classes must be one of {', '.join(MISSING_CLASSES)}, "
+                              f"got {missing_classes!r}")
         if classes is not None:
             wanted = sorted({int(c) for c in classes})
             present = set(mapping.values())
             missing = [c for c in wanted if c not in present]
-            if missing:
+            if len(missing) == len(wanted):
+                raise VelcroError(
+                    f"none of the task's {plural(len(wanted), 'class', 'classes')} "
+                    f"({_classes_text(wanted)}) has a folder in '{self.root}', whose class "
+                    f"folders are {_classes_text(sorted(present)) or 'other ones'}; check "
+                    "the folder, --task/--classes and --class-list")
+            if missing and missing_classes == "error":
                 raise VelcroError(
                     f"class {missing[0]} has no folder in '{self.root}' "
-                    f"({len(missing)} of the task's {len(wanted)} classes missing); add its "
-                    "images or choose classes with --classes"
+                    f"({len(missing)} of the task's {plural(len(wanted), 'class', 'classes')} "
+                    "missing); add its images or choose classes with --classes"
                 )
+            self.missing_classes = missing
             mapping = {name: index for name, index in mapping.items() if index in wanted}
         if not mapping:
             raise VelcroError(

@@ -69,7 +69,8 @@ def split(
     fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
     rest = _check_fractions(fractions)
     if labels is not None and len(labels) != len(items):
-        raise VelcroError(f"got {len(labels)} labels for {len(items)} items; give one per item")
+        raise VelcroError(f"got {plural(len(labels), 'label')} for {plural(len(items), 'item')}; "
+                          "give one per item")
     total = len(items)
     order = _stratified_order(total, labels, seed)
     counts = {name: (max(1, round(f * total)) if f else 0)
@@ -253,7 +254,7 @@ class Split:
         for name, value in counts.items():
             if name not in sets or value != len(sets[name]):
                 raise fields.error(f"counts.{name}", f"is {show(value)}, but the set lists "
-                                   f"{len(sets.get(name, []))} images")
+                                   f"{plural(len(sets.get(name, [])), 'image')}")
         fractions = fields.dict(document, "fractions", default={})
         for name in fractions:
             fields.optional(fields.number, fractions, name, "fractions", low=0.0, high=1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -37,6 +38,8 @@ from velcro._io import atomic_path
 from velcro.data import digits
 from velcro.errors import VelcroError
 from velcro.models import create, load_weights
+
+_HEADER_ALLOWANCE = 1 << 20  # bytes: a safetensors header of the demo's ~120 tensors is ~10 KiB
 
 # Bump when the training code or the meaning of a recipe field changes, so that older cache
 # files are not reused. 2: fixed threads and deterministic kernels.
@@ -101,6 +104,7 @@ class Trained:
     from_cache: bool
     train_seconds: float
     test_accuracy: float
+    cache_problem: str | None = None  # why a cached file was not used (and was replaced)
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -127,15 +131,36 @@ def _accuracy(model: nn.Module, dataset) -> float:
 
 
 def _cached_accuracy(path: Path, model: nn.Module, split: digits.DigitsSplit) -> float:
-    """The test accuracy recorded when the weights were cached (measured again if absent)."""
+    """The test accuracy recorded when the weights were cached; measured again if it is
+    absent or not a share in [0, 1] (the file is outside our control, like any input)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
         recorded = (handle.metadata() or {}).get("test_accuracy")
     try:
-        return float(recorded)
+        value = float(recorded)
     except (TypeError, ValueError):
-        return _accuracy(model, split.test)
+        value = math.nan
+    return value if 0.0 <= value <= 1.0 else _accuracy(model, split.test)
+
+
+def _cache_problem(path: Path, model: nn.Module) -> str | None:
+    """Why the cached weights file cannot be used, or None once ``model`` holds its weights.
+
+    Bounded before anything is read: the file must be about the size of the model's own
+    tensors (a safetensors file adds a header of a few KiB); then it is loaded as any weights
+    file is (no pickle, names and shapes checked, every value finite).
+    """
+    expected = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = path.stat().st_size
+    if not expected <= size <= expected + _HEADER_ALLOWANCE:
+        return (f"{size:,} bytes, where the weights of {type(model).__name__} take "
+                f"{expected:,} plus a header")
+    try:
+        load_weights(model, path)
+    except VelcroError as exc:
+        return str(exc)
+    return None
 
 
 def train(recipe: Recipe, split: digits.DigitsSplit, seed: int, *,
@@ -191,6 +216,9 @@ def trained_model(
 ) -> Trained:
     """Load the digits model from the cache, or train it and cache it (atomically).
 
+    A cached file that cannot be used (damaged, of another size than the model's weights,
+    holding NaN or Inf) is trained again and replaced; ``Trained.cache_problem`` says why.
+
     Args:
         split: the digits split to train on (its seed must be ``seed``).
         seed: seed of the weight initialisation and the batch order.
@@ -202,11 +230,13 @@ def trained_model(
     recipe = recipe or Recipe()
     directory = cache_dir(cache)
     path = weights_path(recipe, seed, directory)
+    problem = None
     if use_cache and path.is_file():
         model = create(recipe.model, num_classes=digits.CLASSES)
-        load_weights(model, path)
-        model.eval()
-        return Trained(model, path, True, 0.0, _cached_accuracy(path, model, split))
+        problem = _cache_problem(path, model)
+        if problem is None:
+            model.eval()
+            return Trained(model, path, True, 0.0, _cached_accuracy(path, model, split))
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -224,4 +254,4 @@ def trained_model(
                 "test_accuracy": f"{accuracy:.6f}", "train_seconds": f"{seconds:.1f}"}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-    return Trained(model, path, False, seconds, accuracy)
+    return Trained(model, path, False, seconds, accuracy, problem)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from velcro._format import objective_label, plural
+from velcro._format import plural
 from velcro.evaluate import Report, wilson_interval
 from velcro.plan import Plan
 from velcro.report import _plots as plots
+from velcro.report._search import search_parts
 from velcro.report._tables import Cell, Table, count, interval, pct, points, sweep_tables
 from velcro.report._timing import latency_text
 from velcro.stats import Stats
@@ -94,6 +95,8 @@ def _accuracy_section(run: Mapping, search: dict | None, cards: list) -> list | 
         images = search.get("search_images")
         for label, key in (("uncompressed, search split", "baseline_accuracy"),
                            ("compressed, search split", "search_accuracy")):
+            if search.get(key) is None:  # searched on unlabelled images
+                continue
             result = accuracy_of({"accuracy": search[key], "images": images})
             rows.append([label, pct(result["accuracy"]), interval(result["ci95"]),
                          count(images)])
@@ -118,6 +121,9 @@ def _accuracy_section(run: Mapping, search: dict | None, cards: list) -> list | 
         if "gained" in paired:
             note += (f"; {plural(paired['gained'], 'image')} right only after compression, "
                      f"{plural(paired['lost'], 'image')} right only before")
+        if isinstance(validation, Mapping) and validation.get("agreement") is not None:
+            note += (f"; top-1 agreement with the uncompressed model "
+                     f"{pct(validation['agreement'])}")
         parts.append(("note", Cell(note + " (paired).", change.tone)))
         cards.append(("top-1 change (validation)", change))
     if before and after:
@@ -157,35 +163,6 @@ def _cost_section(costs: Mapping, plan: Plan | None, cards: list) -> list:
     return parts
 
 
-def _search_section(search: dict, costs: Mapping | None, figure) -> list:
-    phases = search.get("settings", {}).get("evaluations_per_phase", {})
-    objective = search["objective"]
-    rows = [[f"objective (maximised on the search split): {objective_label(objective)}",
-             pct(search["objective_value"])]]
-    if costs and costs.get("saved_by") == "trimmed model" and costs["original"]["macs"]:
-        saved = 1 - int(costs["compressed"]["macs"]) / int(costs["original"]["macs"])
-        rows.append(["MACs saved by the trimmed model (velcro.cost)", pct(saved)])
-    rows += [["tolerance", f"{100 * search['tolerance']:.2f} pp of top-1"],
-             ["search images", count(search.get("search_images"))],
-             ["evaluations", count(search["evaluations"])],
-             ["per phase", ", ".join(f"{k} {v}" for k, v in phases.items()) or "–"],
-             ["wall time", f"{search['wall_time_s']:.1f} s"]]
-    share = search.get("settings", {}).get("graph_share_run")
-    if share is not None:
-        rows.append(["graph run per evaluation (cached activations)", pct(share, 1)])
-    parts: list = [Table("Threshold search", ["", "value"], rows, "ll")]
-    if objective == "macs":
-        parts.append(("note", "MACs in replaced producers: the share of the model's MACs in "
-                              "the layers whose outputs the plan replaces, the quantity the "
-                              "search maximised; the MACs a trimmed model really saves are "
-                              "counted on that model (velcro.cost) and can differ."))
-    if search.get("trajectory"):
-        parts.append(figure("search.png", plots.trajectory_figure(
-            search["trajectory"], search["baseline_accuracy"], search["tolerance"]),
-            "Every candidate the search evaluated, on the search split"))
-    return parts
-
-
 def sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict | None,
              sweep, figures: dict) -> tuple[list[tuple[str, str]], list]:
     """Cards and sections; ``figures`` collects name -> PNG for the Markdown twin."""
@@ -222,7 +199,7 @@ def sections(run: Mapping, plan: Plan | None, stats: Stats | None, search: dict 
         result.append(("Plan", [*parts, ("scroll", table)]))
 
     if search is not None:
-        result.append(("Search", _search_section(search, costs, figure)))
+        result.append(("Search", search_parts(search, costs, figure)))
 
     if sweep is not None and sweep.points:
         parts = []

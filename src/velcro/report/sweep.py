@@ -51,8 +51,10 @@ from velcro._io import atomic_path, write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import evaluate
-from velcro.plan import GRANULARITIES, Plan, plan
-from velcro.search import SearchSchedule, search
+from velcro.plan import GRANULARITIES, plan
+from velcro.report._points import point as _point
+from velcro.report._points import zero_elements
+from velcro.search import UNGUARDED, SearchSchedule, search
 from velcro.stats import Stats
 
 __all__ = ["Sweep", "sweep", "zero_elements"]
@@ -65,23 +67,6 @@ COLUMNS = ("model", "task", "granularity", "method", "setting", "saving_ratio", 
            "search_correct", "search_images", "search_baseline_correct",
            "compressed_elements", "zero_elements", "zero_share", "evaluations")
 _GROUP = ("model", "task", "granularity", "method")
-
-
-def zero_elements(plan: Plan) -> tuple[int, int]:
-    """``(compressed elements, those whose constant is exactly 0.0)`` over all sites.
-
-    Example:
-        >>> compressed, zeros = zero_elements(plan)
-        >>> zeros / compressed  # the share of replaced elements whose constant is 0.0
-    """
-    compressed = zeros = 0
-    for name, site in plan.sites.items():
-        if site.units.numel() == 0:
-            continue
-        mask = plan.mask(name)
-        compressed += int(mask.sum())
-        zeros += int((site.constant[mask] == 0).sum())
-    return compressed, zeros
 
 
 @dataclass
@@ -220,7 +205,7 @@ class Sweep:
         folder = Path(folder)
         written = []
         for model in dict.fromkeys(p["model"] for p in self.points):
-            path = folder / f"curves_{_slug(model)}.png"
+            path = folder / curves_file_name(model)
             with atomic_path(path) as tmp:
                 tmp.write_bytes(sweep_figure([p for p in self.points if p["model"] == model],
                                              title=model))
@@ -260,25 +245,14 @@ class Sweep:
         return cls(points, info)
 
 
+def curves_file_name(model: str) -> str:
+    """The name of a model's figure in a sweep folder: ``curves_<model>.png``, the model's
+    name with anything but letters, digits, ``-`` and ``_`` replaced by ``_``."""
+    return f"curves_{_slug(model)}.png"
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text)) or "model"
-
-
-def _point(plan: Plan, report, baseline, **fields) -> dict:
-    compressed, zeros = zero_elements(plan)
-    return {
-        **fields,
-        "granularity": plan.granularity,
-        "saving_ratio": plan.saving_ratio,
-        "accuracy": report.accuracy,
-        "correct": report.correct,
-        "images": report.images,
-        "baseline_accuracy": baseline.accuracy,
-        "baseline_correct": baseline.correct,
-        "compressed_elements": compressed,
-        "zero_elements": zeros,
-        "zero_share": zeros / compressed if compressed else 0.0,
-    }
 
 
 def sweep(
@@ -295,6 +269,7 @@ def sweep(
     task_classes: Sequence[int] | None = None,
     schedule: SearchSchedule | None = None,
     budget: int | None = None,
+    search_options: dict | None = None,
     progress: bool = True,
 ) -> Sweep:
     """Top-1 on the validation images against C, for uniform and searched plans.
@@ -315,6 +290,12 @@ def sweep(
             no search, the search images still choose among the uniform thresholds).
         task_classes: restrict the argmax to these classes, if given.
         schedule, budget: passed to :func:`velcro.search`.
+        search_options: the search's criterion, confidence and check
+            (:func:`velcro.search`'s keywords); default ``UNGUARDED`` (from
+            ``velcro.search``) without its tolerance: top-1 point estimates on every search
+            image, so that the tolerances are points of search top-1. Give e.g.
+            ``{"confidence": 0.8, "check_fraction": 0.25}`` with tolerances above 0 to
+            sweep the guarded search.
         progress: show progress on stderr.
 
     Returns:
@@ -349,6 +330,8 @@ def sweep(
         return {"search_correct": report.correct, "search_images": report.images,
                 "search_baseline_correct": baseline_correct}
 
+    options = {key: value for key, value in UNGUARDED.items() if key != "tolerance"}
+    options.update(search_options or {})
     points = []
     previous = None
     with bar:
@@ -370,7 +353,8 @@ def sweep(
             # the largest tolerance first: its profile holds every point the smaller need
             for tolerance in sorted(tolerances, reverse=True):
                 result = search(model, stats, search_data, granularity=granularity,
-                                tolerance=tolerance, schedule=schedule, budget=budget,
+                                **{**options, "tolerance": tolerance},
+                                schedule=schedule, budget=budget,
                                 task_classes=task_classes, reuse=previous, progress=False)
                 previous = result
                 compressed = apply(model, result.plan, check=False)
