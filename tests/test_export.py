@@ -119,6 +119,23 @@ def test_trimmed_builtin_models_export_static_graphs(tmp_path, name):
     assert_static(trimmed, original, small)
 
 
+def test_trimmed_cifar_resnet_with_channel_padding_shortcuts_exports_statically(tmp_path):
+    # option-A shortcuts pad zero channels (F.pad on the channel axis): known placements
+    model = builtin("cifar_resnet20")
+    shape = (3, 32, 32)
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    plan = velcro.plan(stats, 0.3, granularity="channel")
+    x = images(shape, 3, seed=2)[0]
+    original = velcro.export_onnx(model, tmp_path / "original.onnx", x[:1])
+    for multiple in (1, 8):
+        small = velcro.trim(model, plan, channel_multiple=multiple)
+        path = velcro.export_onnx(small, tmp_path / f"trimmed{multiple}.onnx", x[:1])
+        assert_onnxruntime_agrees(small, path, x)
+        assert_onnxruntime_agrees(velcro.apply(model, plan), path, x)
+        assert_static(path, original, small)
+        assert velcro.cost(small, x[:1]).macs < velcro.cost(model, x[:1]).macs
+
+
 def test_trimmed_resnet18_exports(tmp_path):
     model = randomize_batchnorm(velcro.models.create("resnet18", num_classes=10)).eval()
     shape = (3, 64, 64)
