@@ -18,7 +18,7 @@ from patterns import (
     ShiftedReLU,
     build_pattern,
 )
-from zoo import images
+from zoo import TOPOLOGIES, build, images
 
 import velcro
 from velcro.errors import VelcroWarning
@@ -59,6 +59,18 @@ def test_empty_plan_gives_back_the_model(name):
     x = images(shape, 3, seed=4)[0]
     with torch.no_grad():
         assert rel(small(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+def test_empty_plan_gives_back_every_zoo_model(name):
+    model, shape = build(name)
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    for multiple in (1, 8):  # rounding up adds zero filters only
+        small = quiet_trim(model, velcro.plan(stats, 0.0, granularity="channel"),
+                           channel_multiple=multiple)
+        x = images(shape, 3, seed=4)[0]
+        with torch.no_grad():
+            assert rel(small(x), model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
