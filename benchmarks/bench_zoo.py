@@ -180,7 +180,7 @@ def run_model(name: str, threads: int, folder: Path) -> dict:
     with torch.no_grad():
         reference = model(x)
     row["activation_calls"] = dict(count_eager_activations(model, x))
-    gm = attempt(row, "trace", lambda: velcro.trace(model))
+    gm = attempt(row, "trace", lambda: velcro.trace(model, x[:1]))  # at the calibration size
     if gm is None:
         row["capture"] = row["trace"]["error"]
         return finish(row, start)

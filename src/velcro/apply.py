@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, insert_after_sites, trace
+from velcro.graph.capture import recorded_example
 from velcro.plan import Plan
 from velcro.stats import Stats
 
@@ -54,7 +55,8 @@ def check_activation_shape(x: torch.Tensor, shape: torch.Size | tuple[int, ...],
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise VelcroError unless ``plan`` was made from statistics of ``model``."""
-    Stats({}, plan.structure, plan.weights).check_model(model, what="this plan was")
+    Stats({}, plan.structure, plan.weights, plan.info).check_model(model,
+                                                                   what="this plan was")
 
 
 def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule:
@@ -75,7 +77,7 @@ def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule
     """
     if check:
         check_plan_fits(model, plan)
-    gm = trace(model)
+    gm = trace(model, recorded_example(model, plan.info))
     sites = find_sites(gm)
     missing = [name for name in plan.sites if name not in {s.name for s in sites}]
     if missing:

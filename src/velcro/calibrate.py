@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from velcro.distributed import is_main, merge_stats, process_group, run_together
 from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, insert_after_sites, trace
+from velcro.graph.capture import CaptureShapeError
 from velcro.graph.fingerprint import structure_fingerprint, weights_fingerprint
 from velcro.stats import SiteStats, Stats
 
@@ -84,6 +86,10 @@ def _total(data: Iterable, max_images: int | None) -> int | None:
     return total
 
 
+def _text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _mixed_sizes(exc: ShapeChanged, first: tuple[int, ...],
                  now: tuple[int, ...]) -> VelcroError:
     def text(shape: tuple[int, ...]) -> str:
@@ -149,7 +155,15 @@ def calibrate(
         256
     """
     preprocess = _preprocess_of(data)  # before sharding wraps the loader
-    gm = trace(model)
+    device = model_device(model)
+    group = process_group(group)
+    if group is not None:
+        data, max_images = shard(data, group, max_images=max_images), None
+        progress = progress and is_main(group)
+    stream = batches(data, max_images)
+    first_batch = next(stream, None)
+    # a model symbolic torch.fx cannot trace is captured at the first batch's size
+    gm = trace(model, first_batch[:1].to(device) if first_batch is not None else None)
     sites = find_sites(gm)
     if not sites:
         raise VelcroError(
@@ -158,28 +172,26 @@ def calibrate(
         )
     observers = {s.name: _Observer(s.name, s.channel_axis) for s in sites}
     insert_after_sites(gm, sites, observers, prefix="velcro_observer")
-    device = model_device(model)
     gm.to(device)
-    group = process_group(group)
-    if group is not None:
-        data, max_images = shard(data, group, max_images=max_images), None
-        progress = progress and is_main(group)
     bar = tqdm(total=_total(data, max_images), unit="img", desc="calibrate",
                disable=not progress, file=sys.stderr, leave=False)
-
-    shapes: list[tuple[int, ...]] = []
 
     def observe() -> int:
         images, first = 0, None
         with bar:
-            for batch in batches(data, max_images):
-                if first is None:
-                    first = tuple(batch.shape[1:])
-                    shapes.append(first)
+            for batch in itertools.chain([first_batch] if first_batch is not None else [],
+                                         stream):
+                first = first or tuple(batch.shape[1:])
                 try:
                     gm(batch.to(device, non_blocking=True))
                 except ShapeChanged as exc:
                     raise _mixed_sizes(exc, first, tuple(batch.shape[1:])) from None
+                except CaptureShapeError as exc:
+                    raise VelcroError(
+                        f"the calibration images are of two sizes ({_text(exc.expected)} and "
+                        f"{_text(exc.got)}); every image needs one size: give --crop (and "
+                        "--resize) on the command line, or resize the images to one size in "
+                        "your loader") from None
                 images += batch.shape[0]
                 bar.update(batch.shape[0])
         return images
@@ -197,10 +209,10 @@ def calibrate(
         moments,
         structure=structure_fingerprint(model, names),
         weights=weights_fingerprint(model),
-        info={"model": type(model).__name__},
+        info={"model": type(model).__name__,
+              **({"input_shape": list(first_batch.shape[1:])} if first_batch is not None
+                 else {})},
     )
-    if shapes:
-        stats.info["input_shape"] = list(shapes[0])
     if preprocess is not None:  # what the images went through: reused by loader_for
         stats.info["preprocess"] = preprocess.to_dict()
     return stats if group is None else merge_stats(stats, group)

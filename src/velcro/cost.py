@@ -258,7 +258,7 @@ def cost(model: nn.Module, example_input: torch.Tensor) -> Cost:
     if not isinstance(example_input, torch.Tensor) or example_input.dim() == 0:
         raise VelcroError("example_input must be a batch tensor (batch axis first), "
                           "e.g. torch.zeros(1, 3, 224, 224)")
-    gm = trace(model)
+    gm = trace(model, example_input[:1])
     device = next((p.device for p in gm.parameters()), example_input.device)
     try:
         ShapeProp(gm).propagate(example_input.to(device))

@@ -13,3 +13,11 @@ class VelcroError(Exception):
         ...     print(error)
         threshold 1.5 for site 'relu' is out of range; each threshold is a fraction in [0, 1]
     """
+
+
+class VelcroWarning(UserWarning):
+    """Something the user should know that does not stop the work (``trim`` keeping filters).
+
+    Example:
+        >>> warnings.simplefilter("ignore", velcro.VelcroWarning)
+    """

@@ -194,9 +194,10 @@ class Stats:
     def check_model(self, model, *, what: str = "these statistics were") -> None:
         """Raise VelcroError unless ``model`` is the model these statistics came from."""
         from velcro.graph import find_sites, trace
+        from velcro.graph.capture import recorded_example
         from velcro.graph.fingerprint import structure_fingerprint, weights_fingerprint
 
-        names = [s.name for s in find_sites(trace(model))]
+        names = [s.name for s in find_sites(trace(model, recorded_example(model, self.info)))]
         if structure_fingerprint(model, names) != self.structure:
             raise VelcroError(
                 f"{what} made for another model (structure fingerprint "

@@ -59,7 +59,9 @@ def test_activation_not_fed_by_conv_or_linear_is_no_site():
 
         def forward(self, x):
             x = F.relu(x)  # acts on the input, no producer
-            return torch.relu(F.max_pool2d(self.conv(x), 2))  # through a pool: not a site
+            # channels moved to the last axis, a gate: not sites
+            y = torch.relu(self.conv(x).permute(0, 2, 3, 1))
+            return torch.sigmoid(self.conv(y.permute(0, 3, 1, 2)))
 
     assert names(Net()) == []
 

@@ -249,10 +249,11 @@ class TimmLike(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-ISSUE_17_OPS = ["operator.eq", "torch._assert", "operator.floordiv", "torch.split",
-                "torch.nn.functional.pad", "torch.nn.functional.batch_norm",
-                "torch.nn.functional.layer_norm", "torch.nn.functional.group_norm",
-                "reshape_as", "builtins.getattr"]
+# (trim turns the functional batch-norm into a module it folds into conv1, and reads the
+# parts of torch.split as channel slices: those two no longer reach the saved graph)
+ISSUE_17_OPS = ["operator.eq", "torch._assert", "operator.floordiv",
+                "torch.nn.functional.pad", "torch.nn.functional.layer_norm",
+                "torch.nn.functional.group_norm", "reshape_as", "builtins.getattr"]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.4])

@@ -158,6 +158,11 @@ def test_input_shape_is_inferred_or_given():
     model, shape = build("concat")
     stats = velcro.calibrate(model, images(shape, 8), progress=False)
     plan = velcro.plan(stats, 0.5, granularity="channel")
+    assert stats.info["input_shape"] == list(shape)  # recorded at calibration
+    assert velcro.trim(model, plan).velcro_input_shape == shape
+    with pytest.raises(VelcroError, match="not the calibration input size 3x10x10"):
+        velcro.trim(model, plan, input_shape=(3, 12, 12))
+    del plan.info["input_shape"]  # a plan from before velcro recorded it: inferred
     assert velcro.trim(model, plan).velcro_input_shape == shape
     with pytest.raises(VelcroError, match="computes"):
         velcro.trim(model, plan, input_shape=(3, 12, 12))

@@ -44,7 +44,7 @@ def check_sites_fit(model: nn.Module, expected: Mapping[str, tuple[int, ...]],
     image = _first_image(folder)
     if image is None:
         return  # nothing readable: the loader says so, naming the files
-    gm = trace(model)
+    gm = trace(model, image[None])
     sites = [site for site in find_sites(gm) if site.name in expected]
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     try:

@@ -15,9 +15,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from velcro.graph._plain import is_plain
 from velcro.graph.sites import find_sites
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+KERNEL_KINDS = ("relu", "relu6", "silu", "gelu", "hardswish")
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 
 
@@ -70,7 +72,7 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 def _weight_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
     module = _module(gm, node)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    if is_plain(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         return tuple(module.weight.shape)
     if node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is F.linear):
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -84,7 +86,7 @@ def _chain(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None] 
     if _weight_shape(gm, node) is not None:
         return node, None
     module = _module(gm, node)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(node.args[0], fx.Node):
+    if is_plain(module, nn.modules.batchnorm._BatchNorm) and isinstance(node.args[0], fx.Node):
         inner = node.args[0]
         if _weight_shape(gm, inner) is not None and module.track_running_stats:
             return inner, node
@@ -108,6 +110,8 @@ def site_layers(gm: fx.GraphModule) -> dict[str, SiteLayer]:
     by_name = {node.name: node for node in gm.graph.nodes}
     layers = {}
     for site in find_sites(gm):
+        if site.kind not in KERNEL_KINDS:  # the kernels compute these activations only
+            continue
         act = by_name[site.node]
         node, residual = act.args[0], None
         if _is_add(node) and len(node.args) >= 2 and all(
@@ -133,7 +137,7 @@ def site_layers(gm: fx.GraphModule) -> dict[str, SiteLayer]:
 
 def producer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """Every site's producer node (conv or linear), found as :func:`find_sites` finds it."""
-    from velcro.graph.sites import TRANSPARENT_FUNCTIONS, TRANSPARENT_MODULES
+    from velcro.graph.sites import see_through
 
     def walk(node: fx.Node, seen: set[str]) -> fx.Node | None:
         if node.name in seen:
@@ -141,15 +145,7 @@ def producer_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
         seen.add(node.name)
         if _weight_shape(gm, node) is not None:
             return node
-        module = _module(gm, node)
-        transparent = (
-            isinstance(module, TRANSPARENT_MODULES) if module is not None
-            else (node.op == "call_function" and node.target in TRANSPARENT_FUNCTIONS)
-            or (node.op == "call_method" and node.target in ("add", "add_"))
-        )
-        if not transparent:
-            return None
-        for arg in node.all_input_nodes:
+        for arg in see_through(gm, node) or []:
             found = walk(arg, seen)
             if found is not None:
                 return found

@@ -1,14 +1,38 @@
 """Site discovery: the activation calls of a traced model that velcro can compress.
 
-A *site* is one activation call in the traced graph (torch.fx) whose input comes from a
-convolution or linear layer, possibly through batch-norm, residual additions, dropout or
-identity. A module called twice is two sites; a functional ``F.relu`` is a site too.
+A *site* is one activation call in the traced graph (torch.fx) whose input channels are the
+output channels of a convolution or linear layer (its *producer*), reached backwards through
+operations that keep every channel in its place:
 
+- channel norms: batch-norm (module or ``F.batch_norm``, timm's ``BatchNormAct2d``) and
+  group-norm (pre-activation ResNets: ``GroupNorm -> ReLU -> conv``);
+- identity, dropout, and spatial operations: pooling, upsampling, padding, slicing
+  (``x[:, :, ::2, ::2]``, a channel range ``x[:, :n]``, a part of ``torch.split``);
+- sums (residual additions), concatenations (DenseNet, DPN, MixNet: every part's channels
+  keep their place), products with a gate (squeeze-and-excitation: ``x * gate``);
+- for a linear producer, reshapes of the leading (batch, token) axes that keep the channel
+  axis last (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``).
+
+The plan's constants there are per channel (or element) of that layer, and trimming has a
+producer whose filters it may drop (where nothing else reads them) or, at least, consumers
+whose input columns it folds into their bias.
+Activation kinds: ``relu``, ``relu6``, ``leaky_relu``, ``hardtanh``, ``elu``, ``selu``,
+``celu``, ``mish``, ``silu``, ``gelu``, ``hardswish``. Not sites: gates (``sigmoid``,
+``hardsigmoid``, ``tanh``) scale another tensor and their producers run on pooled 1x1 maps
+(nothing worth saving); an activation of an activation; activations after operations that
+move or mix channels (permutes, matmuls, attention, softmax, other reshapes). A module whose
+class computes something of its own (a subclass with its own ``forward``) is neither an
+activation nor a producer here: ``velcro.trace`` traces into such modules.
+
+A module called twice is two sites; a functional ``F.relu`` is a site too.
 Site names are stable and readable:
 - a module called once: its qualified name (``layer1.0.relu``);
 - a module called n > 1 times: ``layer1.0.relu:0`` ... ``layer1.0.relu:{n-1}``;
 - a functional call: the qualified name of the module whose ``forward`` makes it, then the
   function's name (``inception3a.branch1.relu``), numbered the same way when repeated.
+A functional producer (``F.conv2d`` whose weight is a module's parameter, possibly computed
+from it as in weight standardisation) is named by that module (``stem.conv``), else
+``conv2d@<node>``.
 """
 
 from __future__ import annotations
@@ -22,9 +46,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from velcro.graph._plain import is_plain
+
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Hardtanh: "hardtanh",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.Mish: "mish",
     nn.SiLU: "silu",
     nn.GELU: "gelu",
     nn.Hardswish: "hardswish",
@@ -35,6 +67,16 @@ ACTIVATION_FUNCTIONS: dict[object, str] = {
     torch.relu_: "relu",
     F.relu_: "relu",
     F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.hardtanh: "hardtanh",
+    F.hardtanh_: "hardtanh",
+    F.elu: "elu",
+    F.elu_: "elu",
+    F.selu: "selu",
+    torch.selu: "selu",
+    F.celu: "celu",
+    F.mish: "mish",
     F.silu: "silu",
     F.gelu: "gelu",
     F.hardswish: "hardswish",
@@ -43,13 +85,34 @@ ACTIVATION_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
 
 PRODUCER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 PRODUCER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
-# Ops an activation may see its producer through.
+# Ops an activation may see its producer through (first argument), see the module docstring.
 TRANSPARENT_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.Identity, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
 )
 TRANSPARENT_FUNCTIONS = (
-    operator.add, operator.iadd, torch.add, F.batch_norm, F.dropout,
+    F.batch_norm, F.group_norm, F.dropout, F.pad, F.interpolate, F.max_pool1d, F.max_pool2d,
+    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
 )
+# Every tensor argument is followed: sums, products with a gate, concatenations.
+_JOINS = (operator.add, operator.iadd, torch.add, operator.mul, operator.imul, torch.mul,
+          torch.cat, torch.concat)
+_JOIN_METHODS = ("add", "add_", "mul", "mul_")
+_LEADING_RESHAPES = ("reshape_as", "view_as", "contiguous")
+
+
+def _hashable(target: object) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -59,7 +122,7 @@ class Site:
     Attributes:
         name: stable, readable site name (see the module docstring).
         node: name of the activation node in the traced graph.
-        kind: ``relu``, ``relu6``, ``silu``, ``gelu`` or ``hardswish``.
+        kind: the activation (see the module docstring: ``relu``, ``leaky_relu``, ...).
         producer: qualified name of the conv/linear module that feeds it, or of the
             function (``F.conv2d``) when the producer is functional.
         channel_axis: the channel axis of the per-image activation (batch axis removed):
@@ -78,17 +141,104 @@ class Site:
     channel_axis: int
 
 
+def module_kind(module: nn.Module) -> str | None:
+    """The activation kind of a module that computes exactly its torch.nn class's function."""
+    for klass in type(module).__mro__:
+        if klass in ACTIVATION_MODULES:
+            if not is_plain(module, klass):
+                return None
+            if klass is nn.Hardtanh and (module.min_val, module.max_val) == (0.0, 6.0):
+                return "relu6"
+            return ACTIVATION_MODULES[klass]
+    return None
+
+
 def _activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
-        return ACTIVATION_MODULES.get(type(gm.get_submodule(node.target)))
+        return module_kind(gm.get_submodule(node.target))
     if node.op == "call_function":
-        try:
-            return ACTIVATION_FUNCTIONS.get(node.target)
-        except TypeError:  # unhashable target
-            return None
+        kind = ACTIVATION_FUNCTIONS.get(node.target) if _hashable(node.target) else None
+        if kind == "hardtanh":
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+            return "relu6" if (low, high) == (0.0, 6.0) else kind
+        return kind
     if node.op == "call_method":
         return ACTIVATION_METHODS.get(node.target)
     return None
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in node.all_input_nodes if n.op != "get_attr"]
+
+
+def see_through(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
+    """The inputs a site's walk continues to behind ``node``, or None where it stops."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return [first] if first is not None and is_plain(module, TRANSPARENT_MODULES) else None
+    if node.op == "call_function" and _hashable(node.target):
+        if node.target in _JOINS:
+            return _tensor_inputs(node)
+        if node.target in TRANSPARENT_FUNCTIONS and first is not None:
+            return [first]
+        if node.target is operator.getitem and first is not None and (
+                _slices(node) or _split_part(first)):
+            return [first.args[0]] if _split_part(first) else [first]
+        return None
+    if node.op == "call_method" and first is not None:
+        if node.target in _JOIN_METHODS:
+            return _tensor_inputs(node)
+        if node.target in _LEADING_RESHAPES or node.target == "flatten" and tuple(
+                node.args[1:3]) == (0, 1):
+            return [first]
+    return None
+
+
+def _slices(node: fx.Node) -> bool:
+    """``x[:, a:b]``, ``x[:, :, ::2, ::2]``: slices (channels keep their order)."""
+    index = node.args[1]
+    return (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None)
+            and all(isinstance(i, slice) or i is Ellipsis for i in index[1:]))
+
+
+def _split_part(node: fx.Node) -> bool:
+    """``node`` is ``torch.split``/``chunk`` of a tensor (its parts are channel ranges)."""
+    if node.op == "call_function":
+        return node.target in (torch.split, torch.chunk) and bool(node.args) and isinstance(
+            node.args[0], fx.Node)
+    return node.op == "call_method" and node.target in ("split", "chunk")
+
+
+def functional_producer_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``F.conv2d``/``F.linear``: the module whose parameter is its weight, else fn@node."""
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    owner = _parameter_owner(gm, weight, set()) if isinstance(weight, fx.Node) else None
+    if owner is not None:
+        return owner
+    return f"{getattr(node.target, '__name__', node.target)}@{node.name}"
+
+
+def _parameter_owner(gm: fx.GraphModule, node: fx.Node, seen: set) -> str | None:
+    """The module owning the one ``weight`` parameter a weight is computed from, where the
+    computation reads no graph input (weight standardisation, scaling by a gain)."""
+    owners: set[str] = set()
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return None
+        if current.op == "get_attr":
+            owner, _, name = current.target.rpartition(".")
+            if owner and name == "weight":
+                owners.add(owner)
+            continue
+        frontier.extend(current.all_input_nodes)
+    return owners.pop() if len(owners) == 1 else None
 
 
 def _producer(gm: fx.GraphModule, node: fx.Node, seen: set[str] | None = None) -> str | None:
@@ -97,24 +247,13 @@ def _producer(gm: fx.GraphModule, node: fx.Node, seen: set[str] | None = None) -
     if node.name in seen:
         return None
     seen.add(node.name)
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, PRODUCER_MODULES):
-            return node.target
-        if not isinstance(module, TRANSPARENT_MODULES):
-            return None
-    elif node.op == "call_function":
-        if node.target in PRODUCER_FUNCTIONS:
-            return f"{getattr(node.target, '__name__', node.target)}@{node.name}"
-        if node.target not in TRANSPARENT_FUNCTIONS:
-            return None
-    elif node.op == "call_method":
-        if node.target not in ("add", "add_"):
-            return None
-    else:
-        return None
-    for arg in node.all_input_nodes:
-        found = _producer(gm, arg, seen)
+    if node.op == "call_module" and is_plain(gm.get_submodule(node.target), PRODUCER_MODULES):
+        return node.target
+    if node.op == "call_function" and _hashable(node.target) and (
+            node.target in PRODUCER_FUNCTIONS):
+        return functional_producer_name(gm, node)
+    for source in see_through(gm, node) or []:
+        found = _producer(gm, source, seen)
         if found is not None:
             return found
     return None
@@ -172,9 +311,14 @@ def _is_linear(gm: fx.GraphModule, producer: str) -> bool:
     if producer.startswith("linear@"):
         return True
     try:
-        return isinstance(gm.get_submodule(producer), nn.Linear)
+        module = gm.get_submodule(producer)
     except AttributeError:
         return False
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)  # a module calling F.linear on its weight
+    return not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(
+        weight, torch.Tensor) and weight.dim() == 2
 
 
 def site_nodes(gm: fx.GraphModule, sites: list[Site]) -> dict[str, fx.Node]:

@@ -54,6 +54,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, trace
+from velcro.graph.capture import example_batch
 from velcro.graph.layers import producer_nodes, weight_shape
 from velcro.plan import Plan
 
@@ -178,10 +179,10 @@ def layer_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, La
         >>> layer_shapes(velcro.models.resnet18(), (3, 224, 224))["relu"].output_shape
         (64, 112, 112)
     """
-    gm = trace(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example = example_batch(model, input_shape)
+    gm = trace(model, example)
     with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_shape, device=device))
+        ShapeProp(gm).propagate(example)
     producers = producer_nodes(gm)
     by_name = {node.name: node for node in gm.graph.nodes}
     shapes = {}

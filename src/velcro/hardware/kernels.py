@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from velcro._globals import torch_threads_kept
 from velcro.errors import VelcroError
-from velcro.graph import trace
+from velcro.graph.capture import recorded_example, trace
 from velcro.graph.layers import SiteLayer, batchnorm_affine, site_layers
 from velcro.hardware import _skipconv
 from velcro.hardware._layer_io import LayerIO, layer_io
@@ -310,7 +310,7 @@ def conv_sites(model: nn.Module, plan: Plan, *, backend: str = "auto") -> dict[s
         >>> sorted(kernels)[:2]
         ['layer1.0.relu:0', 'layer1.0.relu:1']
     """
-    gm = trace(model)
+    gm = trace(model, recorded_example(model, plan.info))
     result = {}
     for name, layer in site_layers(gm).items():
         if name not in plan.sites:

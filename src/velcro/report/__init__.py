@@ -104,7 +104,8 @@ def measure_costs(model: nn.Module, plan: Plan, example_input: torch.Tensor, *,
                                  example_input, repeats=repeats)
     else:
         layer_macs = {layer.name: layer.macs for layer in before.layers}
-        producers = {s.name: s.producer for s in find_sites(trace(model))}
+        producers = {s.name: s.producer
+                     for s in find_sites(trace(model, example_input[:1]))}
         thresholds = plan.thresholds()
         saved = sum(thresholds[name] * layer_macs.get(producers.get(name, ""), 0)
                     for name in plan.sites)

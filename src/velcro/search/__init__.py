@@ -73,6 +73,7 @@ from tqdm.auto import tqdm
 
 from velcro.calibrate import model_device
 from velcro.errors import VelcroError
+from velcro.graph.capture import recorded_example
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._check import backoff_path, fixed_sequence, split_check
 from velcro.search._criteria import CRITERIA, Guard, check_settings
@@ -109,7 +110,7 @@ def _site_weights(model: nn.Module, rankings: Rankings, objective: str, example)
 
     model_cost = cost(model, example[:1])
     layer_macs = {layer.name: layer.macs for layer in model_cost.layers}
-    producers = {s.name: s.producer for s in find_sites(trace(model))}
+    producers = {s.name: s.producer for s in find_sites(trace(model, example[:1]))}
     total = model_cost.macs or 1
     return [layer_macs.get(producers[s.name], 0) / total for s in rankings.sites]
 
@@ -207,8 +208,9 @@ def search(
     check_batches: list = []
     if check_fraction > 0:
         batches, check_batches, check_indices = split_check(batches, check_fraction)
+    example = recorded_example(model, stats.info)  # where only a capture at that size works
     evaluator = CandidateEvaluator(model, rankings, batches, task_classes=task_classes,
-                                   cache_mb=cache_mb)
+                                   cache_mb=cache_mb, example=example)
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
@@ -232,7 +234,7 @@ def search(
     best = searched
     if check_batches:
         best, check = _check(model, rankings, check_batches, path, guard, searcher,
-                             task_classes, cache_mb)
+                             task_classes, cache_mb, example)
         check["indices"] = check_indices
     fractions = searcher.fractions(best)
     plan = rankings.plan(fractions, best)
@@ -284,10 +286,10 @@ def search(
     )
 
 
-def _check(model, rankings, batches, path, guard, searcher, task_classes, cache_mb):
+def _check(model, rankings, batches, path, guard, searcher, task_classes, cache_mb, example):
     """The fixed-sequence test of ``path`` on the check images; (chosen counts, summary)."""
     evaluator = CandidateEvaluator(model, rankings, batches, task_classes=task_classes,
-                                   cache_mb=min(cache_mb, 256.0))
+                                   cache_mb=min(cache_mb, 256.0), example=example)
     zeros = searcher.zeros
     baseline, _ = evaluator.evaluate(zeros)
     rows = []

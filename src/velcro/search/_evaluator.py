@@ -150,13 +150,14 @@ class CandidateEvaluator:
     """
 
     def __init__(self, model: nn.Module, rankings: Rankings, data, *, task_classes=None,
-                 cache_mb: float = 1024.0, group: dist.ProcessGroup | None = None) -> None:
+                 cache_mb: float = 1024.0, group: dist.ProcessGroup | None = None,
+                 example: torch.Tensor | None = None) -> None:
         self.rankings = rankings
         self.group = process_group(group)
         self.rank, self.world = ((0, 1) if self.group is None else
                                  (dist.get_rank(self.group), dist.get_world_size(self.group)))
         self.device = model_device(model)
-        gm = trace(model)
+        gm = trace(model, example)  # example: where only a capture at that size works
         sites = find_sites(gm)
         if [s.name for s in sites] != rankings.names:
             raise VelcroError("the statistics' sites differ from the model's; calibrate this model")

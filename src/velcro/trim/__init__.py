@@ -25,6 +25,7 @@ The result equals ``velcro.apply(model, plan)`` up to float rounding.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,10 +34,11 @@ import torch.nn as nn
 
 from velcro._globals import rng_kept
 from velcro.apply import check_plan_fits
-from velcro.errors import VelcroError
+from velcro.errors import VelcroError, VelcroWarning
 from velcro.graph import find_sites, trace
+from velcro.graph.capture import recorded_example
 from velcro.plan import Plan
-from velcro.trim import _analysis, _serialize
+from velcro.trim import _analysis, _normalize, _report, _serialize
 from velcro.trim._build import Builder
 
 __all__ = ["load_trimmed", "save_trimmed", "trim"]
@@ -130,7 +132,9 @@ def trim(
     if check:
         check_plan_fits(model, plan)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    gm = trace(model).cpu()
+    shape = _input_shape(model, plan, input_shape)
+    example = recorded_example(model, {"input_shape": list(shape)}) if shape else None
+    gm = trace(model, example).cpu()
     sites = find_sites(gm)
     by_name = {site.name: site for site in sites}
     unknown = [name for name in plan.sites if name not in by_name]
@@ -139,24 +143,34 @@ def trim(
             f"plan names site '{unknown[0]}' that this model does not have; make the plan "
             "from statistics of this model"
         )
-    shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(gm, plan,
-                                                                                 sites)
-    _analysis.fold_batchnorm(gm)
-    nodes = {node.name: node for node in gm.graph.nodes}
+    inferred = shape is None
+    if inferred:
+        shape = _infer_input_shape(gm, plan, sites)
+    dtype = next((t.dtype for t in gm.parameters() if t.is_floating_point()),
+                 torch.get_default_dtype())
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(1, *shape, generator=generator)
+    example = torch.randn(1, *shape, generator=generator, dtype=dtype)
     try:
+        _normalize.functional_to_modules(gm, _analysis.record(gm, example))
+        _normalize.fold_linear_batchnorm(gm)
+        _analysis.fold_batchnorm(gm)
         values = _analysis.record(gm, example)
+    except VelcroError:
+        raise
     except Exception as exc:  # the user's forward rejected the shape
+        if inferred:
+            raise VelcroError(_NO_SHAPE) from None
         raise VelcroError(
-            f"{type(model).__name__} does not run on input shape {shape}: "
+            f"{type(model).__name__} does not run on one input of "
+            f"{'x'.join(map(str, shape))}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
             "give input_shape=(channels, height, width) of the calibration images"
         ) from None
+    nodes = {node.name: node for node in gm.graph.nodes}
     site_plans = {}
     for name, site_plan in plan.sites.items():
         node = nodes[by_name[name].node]
-        site_plans[node] = (site_plan.units.to(torch.int64), site_plan.constant.float(),
+        site_plans[node] = (site_plan.units.to(torch.int64), site_plan.constant.to(dtype),
                             site_plan.channel_axis)
     analysis = _analysis.analyse(gm, values, site_plans)
     builder = Builder(gm, analysis, channel_multiple)
@@ -167,7 +181,35 @@ def trim(
         for site in sites if nodes[site.node] in builder.sites
     })
     _serialize.preserve(small, "velcro_input_shape", shape)
+    report = {site.name: _report.site_report(gm, analysis, site, nodes[site.node],
+                                             plan.sites[site.name].units)
+              for site in sites if site.name in plan.sites
+              and plan.sites[site.name].units.numel()}
+    _serialize.preserve(small, "velcro_trim_report", report)
+    line = _report.summary(report)
+    if line is not None:
+        warnings.warn(line, VelcroWarning, stacklevel=2)
     return small.eval().to(device)
+
+
+def _input_shape(model: nn.Module, plan: Plan,
+                 given: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The given input shape, else the one the plan's statistics recorded (None: neither)."""
+    recorded = recorded_example(model, plan.info)
+    recorded_shape = tuple(recorded.shape[1:]) if recorded is not None else None
+    if given is None:
+        return recorded_shape
+    if not isinstance(given, (tuple, list)) or not given or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in given):
+        raise VelcroError(f"input_shape must be one input's shape, e.g. (3, 224, 224), "
+                          f"got {given!r}")
+    if recorded_shape is not None and tuple(given) != recorded_shape:
+        raise VelcroError(
+            f"input_shape {'x'.join(map(str, given))} is not the calibration input size "
+            f"{'x'.join(map(str, recorded_shape))} the plan was made at; its constants are "
+            "per position there: leave input_shape out, or calibrate at this size"
+        )
+    return tuple(given)
 
 
 def save_trimmed(model: fx.GraphModule, path: str | os.PathLike) -> Path:
@@ -257,16 +299,20 @@ def _prefix_shape(gm: fx.GraphModule, stop: str, example: torch.Tensor) -> tuple
     return None
 
 
+_NO_SHAPE = (
+    "cannot tell the input size: the plan records none (its statistics predate velcro "
+    "recording it) and the plan's site shapes do not determine it; pass input_shape=(channels, "
+    "height, width) of the calibration images to velcro.trim, or calibrate again"
+)
+
+
 def _infer_input_shape(gm: fx.GraphModule, plan: Plan, sites: list) -> tuple[int, ...]:
     """The input shape that reproduces the plan's first site shape (then checked in full)."""
     first = _first_layer_input(gm)
     spatial_site = next((s for s in sites if s.name in plan.sites
                          and plan.sites[s.name].channel_axis == 0
                          and len(plan.sites[s.name].shape) > 1), None)
-    failure = VelcroError(
-        "cannot infer the input shape from the plan; pass input_shape=(channels, height, "
-        "width) of the calibration images to velcro.trim"
-    )
+    failure = VelcroError(_NO_SHAPE)
     if first is None:
         raise failure
     channels, dims = first

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import torch.nn.modules as nn_modules
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from velcro.graph.capture import CaptureCheck
 from velcro.trim import _modules, _ops
 
 DENIED = re.compile(
@@ -131,4 +132,4 @@ for _name, _fn in FUNCTIONS.items():
     FUNCTION_NAMES.setdefault(id(_fn), _name)
 MODULES: dict[str, type] = _module_classes()
 HELPERS: dict[str, type] = {cls.__name__: cls for cls in (
-    _modules.ChannelSelect, _modules.ChannelSum, _modules.Materialize)}
+    _modules.ChannelSelect, _modules.ChannelSum, _modules.Materialize, CaptureCheck)}

@@ -14,41 +14,29 @@ Two passes over the traced graph (kinds of node in ``_ops``):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from velcro.errors import VelcroError
+from velcro.graph._plain import is_plain
 from velcro.graph.layers import batchnorm_affine
+from velcro.trim import _grouped
 from velcro.trim import _ops as ops
-
-
-@dataclass
-class ChannelState:
-    """What trimming knows of one tensor: its channel axis and constant channels.
-
-    Attributes:
-        axis: channel axis of the batched tensor (1 for NCHW, the last for linear outputs).
-        const: bool per channel, True where the channel is a batch-independent constant.
-        value: one-image tensor (batch axis of size 1) holding the constants' values
-            (other channels are zero).
-    """
-
-    axis: int
-    const: torch.Tensor
-    value: torch.Tensor
-
-    @property
-    def channels(self) -> int:
-        return self.const.numel()
-
-    def mask(self, channels: torch.Tensor) -> torch.Tensor:
-        """``value`` with every channel outside ``channels`` (bool) set to zero."""
-        view = [1] * self.value.dim()
-        view[self.axis] = self.channels
-        return self.value * channels.view(view).to(self.value.dtype)
+from velcro.trim import _placement as placement
+from velcro.trim._state import (  # noqa: F401  (re-exported for _build, _writer, _sum)
+    PAD,
+    ChannelState,
+    Physical,
+    as_state,
+    expand,
+    fresh,
+    positions,
+    run_on,
+)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> None:
@@ -59,14 +47,16 @@ def fold_batchnorm(gm: fx.GraphModule) -> None:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target],
-                                                       ops.BATCHNORM_MODULES):
+        if node.op != "call_module" or not is_plain(modules[node.target],
+                                                     ops.BATCHNORM_MODULES):
             continue
         source = ops.tensor_arg(node)
-        if source is None or source.op != "call_module" or len(source.users) != 1:
+        # shape reads (timm's ``_assert(x.ndim == 4)``) read the same shape after folding
+        if source is None or source.op != "call_module" or any(
+                user is not node and not ops.is_shape_read(user) for user in source.users):
             continue
         conv, norm = modules[source.target], modules[node.target]
-        if (not isinstance(conv, ops.CONV_MODULES) or calls[source.target] != 1
+        if (not is_plain(conv, ops.CONV_MODULES) or calls[source.target] != 1
                 or calls[node.target] != 1 or not norm.track_running_stats):
             continue
         fused = copy.copy(conv)  # shares nothing it keeps: weight and bias are replaced
@@ -121,6 +111,10 @@ class Analysis:
         needed: node -> bool per channel: computed values something downstream reads.
         site_units: site node -> the plan's constant channels there.
         values: node -> its value on the probe image (shapes, sizes).
+        ranges: ``select``/``chanpad`` node -> (source, start, stop) / (source, before,
+            after): where its channels come from.
+        demands: node -> [(consumer, channels)]: who needs which of its channels (why a
+            filter stays, for the trim report).
     """
 
     kinds: dict[fx.Node, str]
@@ -128,31 +122,12 @@ class Analysis:
     needed: dict[fx.Node, torch.Tensor]
     site_units: dict[fx.Node, torch.Tensor]
     values: dict[fx.Node, object]
+    ranges: dict[fx.Node, tuple[fx.Node, int, int]] = field(default_factory=dict)
+    demands: dict[fx.Node, list] = field(default_factory=dict)
 
 
 def _axis_of(site_channel_axis: int, ndim: int) -> int:
     return site_channel_axis + 1 if site_channel_axis >= 0 else ndim + site_channel_axis
-
-
-def _fresh(value: torch.Tensor, axis: int) -> ChannelState:
-    channels = value.shape[axis]
-    return ChannelState(axis, torch.zeros(channels, dtype=torch.bool), torch.zeros_like(value))
-
-
-def _run_on(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, object]) -> torch.Tensor:
-    """Run ``node``'s operation with its inputs taken from ``env`` (clones: ops may be in-place)."""
-    def fetch(n: fx.Node) -> object:
-        value = env[n]
-        return value.clone() if isinstance(value, torch.Tensor) else value
-
-    args = fx.node.map_arg(node.args, fetch)
-    kwargs = fx.node.map_arg(node.kwargs, fetch)
-    with torch.no_grad():
-        if node.op == "call_module":
-            return gm.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
 def analyse(gm: fx.GraphModule, values: dict[fx.Node, object],
@@ -160,8 +135,9 @@ def analyse(gm: fx.GraphModule, values: dict[fx.Node, object],
     """Both passes. ``site_plans``: site node -> (units, constant, plan channel axis)."""
     kinds: dict[fx.Node, str] = {}
     states: dict[fx.Node, ChannelState] = {}
+    ranges: dict[fx.Node, tuple[fx.Node, int, int]] = {}
     for node in gm.graph.nodes:
-        kinds[node] = _forward(gm, node, values, states)
+        kinds[node] = _forward(gm, node, values, states, kinds, ranges)
         if node in site_plans:
             if node not in states:
                 # fed by something trim cannot see through (a grouped or functional conv):
@@ -173,12 +149,13 @@ def analyse(gm: fx.GraphModule, values: dict[fx.Node, object],
                         "its channels (make the activation a single-input call)"
                     )
                 axis = _axis_of(site_plans[node][2], values[node].dim())
-                states[node] = _fresh(values[node], axis)
+                states[node] = fresh(values[node], axis)
                 kinds[node] = "channelwise"
             _overlay_plan(node, states, site_plans[node], values)
-    needed = _liveness(gm, kinds, states, values)
+    demands: dict[fx.Node, list] = {}
+    needed = _liveness(gm, kinds, states, values, ranges, demands)
     units = {node: plan[0] for node, plan in site_plans.items()}
-    return Analysis(kinds, states, needed, units, values)
+    return Analysis(kinds, states, needed, units, values, ranges, demands)
 
 
 def _overlay_plan(node: fx.Node, states: dict[fx.Node, ChannelState],
@@ -204,45 +181,70 @@ def _overlay_plan(node: fx.Node, states: dict[fx.Node, ChannelState],
 
 
 def _forward(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],
-             states: dict[fx.Node, ChannelState]) -> str:
+             states: dict[fx.Node, ChannelState], kinds: dict[fx.Node, str],
+             ranges: dict[fx.Node, tuple[fx.Node, int, int]]) -> str:
     value = values.get(node)
     source = ops.tensor_arg(node)
     source_state = states.get(source) if source is not None else None
     ndim = values[source].dim() if source_state is not None else None
+    if (node.op == "call_function" and node.target is operator.getitem
+            and kinds.get(source) == "split"):
+        return _forward_part(node, source, values, states, ranges)
     kind = ops.classify(gm, node, source_state.axis if source_state else None, ndim)
+    if kind == "split":
+        return "split" if (ops.split_dim(node) % ndim == source_state.axis == 1
+                           and placement.split_is_read_by_parts(node)) else "opaque"
+    if kind == "shape":
+        return kind
     if node.op in ("placeholder", "get_attr", "output") or not isinstance(value, torch.Tensor):
         return "opaque" if kind != "batch_size" else kind
     if kind == "producer":
         axis = 1 if isinstance(gm.get_submodule(node.target), ops.CONV_MODULES) else value.dim() - 1
-        state = _fresh(value, axis)
+        state = fresh(value, axis)
         if source_state is not None and bool(source_state.const.all()):
             state.const[:] = True  # every input channel constant: so is every output
-            state.value = _run_on(gm, node, {source: source_state.value})
+            state.value = run_on(gm, node, {source: source_state.value})
         states[node] = state
     elif kind == "channelwise":
-        state = _fresh(value, source_state.axis)
+        state = fresh(value, source_state.axis)
         multiple = state.channels // source_state.channels
         state.const = source_state.const.repeat_interleave(multiple)
         if state.const.any():
-            state.value = _run_on(gm, node, {source: source_state.value})
+            state.value = run_on(gm, node, {source: source_state.value})
         states[node] = state
+    elif kind == "grouped":
+        _grouped.forward(gm, node, values, states)
+    elif kind == "chanpad":
+        before, after = placement.forward_chanpad(gm, node, values, states)
+        ranges[node] = (source, before, after)
+    elif kind == "select":
+        start, stop, _ = slice(*ops.channel_range(node, 1)).indices(source_state.channels)
+        placement.forward_select(source, start, stop, value, states, node)
+        ranges[node] = (source, start, stop)
     elif kind == "sum":
         kind = _forward_sum(gm, node, values, states, value)
     elif kind == "cat":
         kind = _forward_cat(node, values, states, value)
     elif kind == "flatten":
         spatial = values[source][0, 0].numel()
-        state = _fresh(value, value.dim() - 1)
+        state = fresh(value, value.dim() - 1)
         state.const = source_state.const.repeat_interleave(spatial)
         state.value = source_state.value.reshape(value.shape)
         states[node] = state
     return kind
 
 
-def _as_state(node: fx.Node, axis: int, values: dict[fx.Node, object],
-              states: dict[fx.Node, ChannelState]) -> ChannelState:
-    """The state of a tensor operand; one trimming knows nothing of has no constants."""
-    return states[node] if node in states else _fresh(values[node], axis)
+def _forward_part(node: fx.Node, split: fx.Node, values: dict[fx.Node, object],
+                  states: dict[fx.Node, ChannelState],
+                  ranges: dict[fx.Node, tuple[fx.Node, int, int]]) -> str:
+    """``getitem(split(x, ..., dim=1), i)``: a channel range of x."""
+    span = placement.part_range(node, values)
+    if span is None or not isinstance(values.get(node), torch.Tensor):
+        return "opaque"
+    source = ops.tensor_arg(split)
+    placement.forward_select(source, span[0], span[1], values[node], states, node)
+    ranges[node] = (source, span[0], span[1])
+    return "select"
 
 
 def _forward_sum(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],
@@ -255,11 +257,11 @@ def _forward_sum(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object
     if any(not isinstance(values[n], torch.Tensor) or values[n].shape != value.shape
            for n in (a, b)) or any(states[n].axis != axis for n in known):
         return "opaque"  # broadcasting or mismatched axes: computed on full tensors
-    sa, sb = _as_state(a, axis, values, states), _as_state(b, axis, values, states)
-    state = _fresh(value, axis)
+    sa, sb = as_state(a, axis, values, states), as_state(b, axis, values, states)
+    state = fresh(value, axis)
     state.const = sa.const & sb.const
     if state.const.any():
-        state.value = _run_on(gm, node, {a: sa.value, b: sb.value})
+        state.value = run_on(gm, node, {a: sa.value, b: sb.value})
     states[node] = state
     return "sum"
 
@@ -273,8 +275,8 @@ def _forward_cat(node: fx.Node, values: dict[fx.Node, object],
     axis = states[known[0]].axis
     if dim % value.dim() != axis or any(states[n].axis != axis for n in known):
         return "opaque"
-    parts = [_as_state(n, axis, values, states) for n in inputs]
-    state = _fresh(value, axis)
+    parts = [as_state(n, axis, values, states) for n in inputs]
+    state = fresh(value, axis)
     state.const = torch.cat([p.const for p in parts])
     state.value = torch.cat([p.value for p in parts], axis)
     states[node] = state
@@ -282,73 +284,60 @@ def _forward_cat(node: fx.Node, values: dict[fx.Node, object],
 
 
 def _liveness(gm: fx.GraphModule, kinds: dict[fx.Node, str],
-              states: dict[fx.Node, ChannelState],
-              values: dict[fx.Node, object]) -> dict[fx.Node, torch.Tensor]:
+              states: dict[fx.Node, ChannelState], values: dict[fx.Node, object],
+              ranges: dict[fx.Node, tuple[fx.Node, int, int]],
+              demands: dict[fx.Node, list]) -> dict[fx.Node, torch.Tensor]:
     needed = {node: torch.zeros(state.channels, dtype=torch.bool)
               for node, state in states.items()}
 
-    def demand(source: fx.Node, channels: torch.Tensor) -> None:
+    def demand(source: fx.Node, channels: torch.Tensor, by: fx.Node) -> None:
         if source in needed:
-            needed[source] |= channels & ~states[source].const
+            wanted = channels & ~states[source].const
+            needed[source] |= wanted
+            if bool(wanted.any()):
+                demands.setdefault(source, []).append((by, wanted))
+
+    def everything(source: fx.Node) -> torch.Tensor:
+        return torch.ones_like(needed[source])
 
     for node in reversed(gm.graph.nodes):
         kind = kinds[node]
-        if kind == "producer" and node.args and ops.tensor_arg(node) in states:
-            demand(ops.tensor_arg(node), torch.ones_like(needed[ops.tensor_arg(node)]))
+        source = ops.tensor_arg(node)
+        if kind == "producer" and node.args and source in states:
+            demand(source, everything(source), node)
         elif kind == "channelwise":
-            source = ops.tensor_arg(node)
             if source in needed:
                 multiple = states[node].channels // states[source].channels
                 wanted = needed[node].view(-1, multiple).any(dim=1)
-                demand(source, wanted)
+                demand(source, wanted, node)
+        elif kind == "grouped":
+            module = gm.get_submodule(node.target)
+            demand(source, _grouped.demanded(module, needed[node], states[source].channels),
+                   node)
+        elif kind in ("select", "chanpad"):
+            origin, start, stop = ranges[node]
+            wanted = torch.zeros(states[origin].channels, dtype=torch.bool)
+            if kind == "select":
+                wanted[start:stop] = needed[node]
+            else:
+                wanted = needed[node][start:start + wanted.numel()]
+            demand(origin, wanted, node)
         elif kind == "sum":
             a, b, _ = ops.sum_operands(node)
-            demand(a, needed[node])
-            demand(b, needed[node])
+            demand(a, needed[node], node)
+            demand(b, needed[node], node)
         elif kind == "cat":
             offset = 0
             for part in ops.cat_inputs(node)[0]:
                 size = values[part].shape[states[node].axis]
-                demand(part, needed[node][offset:offset + size])
+                demand(part, needed[node][offset:offset + size], node)
                 offset += size
         elif kind == "flatten":
-            source = ops.tensor_arg(node)
-            demand(source, needed[node].view(states[source].channels, -1).any(dim=1))
-        elif kind == "batch_size":
+            demand(source, needed[node].view(states[source].channels, -1).any(dim=1), node)
+        elif kind in ("batch_size", "shape", "split"):
             continue
         else:  # opaque and output: everything, constants placed
-            for source in node.all_input_nodes:
-                if source in needed:
-                    demand(source, torch.ones_like(needed[source]))
+            for each in node.all_input_nodes:
+                if each in needed:
+                    demand(each, everything(each), node)
     return needed
-
-
-# A layout position that holds no channel: padding that keeps channel counts at a multiple
-# of ``channel_multiple`` (its value is meaningless; consumers give it zero weight).
-PAD = -1
-
-
-@dataclass
-class Physical:
-    """The new graph's tensor for one original tensor: ``node`` holds channels ``layout``.
-
-    ``layout[i]`` is the channel id stored at position i, or ``PAD``.
-    """
-
-    node: fx.Node | None
-    layout: torch.Tensor
-
-
-def positions(layout: torch.Tensor, channels: int) -> torch.Tensor:
-    """channel id -> position in ``layout`` (-1 where absent)."""
-    where = torch.full((channels,), -1, dtype=torch.int64)
-    valid = layout >= 0
-    where[layout[valid]] = torch.arange(layout.numel())[valid]
-    return where
-
-
-def expand(layout: torch.Tensor, multiple: int) -> torch.Tensor:
-    """The layout after each channel becomes ``multiple`` consecutive ones (padding stays)."""
-    expanded = layout[:, None] * multiple + torch.arange(multiple)
-    expanded[layout < 0] = PAD
-    return expanded.flatten()

@@ -22,7 +22,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from velcro.trim import _grouped
 from velcro.trim import _ops as ops
+from velcro.trim import _placement as placement
 from velcro.trim._analysis import PAD, ChannelState, Physical, expand, positions
 from velcro.trim._modules import (
     ChannelSelect,
@@ -40,6 +42,7 @@ class Builder(GraphWriter):
 
     # -- the pass ------------------------------------------------------------------------
     def build(self, class_name: str) -> fx.GraphModule:
+        self.requests = _grouped.requests(self.gm, self.a)
         for node in self.gm.graph.nodes:
             kind = self.a.kinds[node]
             if node.op == "placeholder":
@@ -59,13 +62,31 @@ class Builder(GraphWriter):
                 self._flatten(node)
             elif kind == "batch_size":
                 self._batch_size(node)
+            elif kind in ("grouped", "chanpad", "select") and node in self.a.states:
+                self._placed(node, kind)
+            elif kind == "shape":
+                placement.emit_shape(self, node)
+            elif kind == "split":
+                continue  # its parts are read through ``select``
             else:
                 self.env[node] = self._copy(node)
+        self.resolve_attributes()
         self.graph.lint()
         return fx.GraphModule(self.modules, self.graph, class_name)
 
+    def _placed(self, node: fx.Node, kind: str) -> None:
+        if kind == "grouped":
+            _grouped.emit(self, node)
+        elif kind == "chanpad":
+            placement.emit_chanpad(self, node, self.a.ranges[node][1])
+        else:
+            placement.emit_select(self, node, *self.a.ranges[node])
+
     def _out_layout(self, node: fx.Node) -> torch.Tensor:
-        """The filters a producer computes: those needed, lined up with a residual partner."""
+        """The filters a producer computes: those needed, lined up with a residual partner
+        (or in the group order of the grouped convolution it feeds)."""
+        if node in self.requests:
+            return self.requests[node]
         needed = self.a.needed[node]
         layout = needed.nonzero().flatten()
         users = list(node.users)
@@ -149,6 +170,10 @@ class Builder(GraphWriter):
             if isinstance(module, ops.BATCHNORM_MODULES):
                 module = slice_batchnorm(module, in_phys.layout)
             elif ops.is_depthwise(module):
+                in_phys, layout = self._depthwise_inputs(node, in_phys, layout, multiple)
+                if in_phys.node is None:
+                    self._record(node, Physical(None, layout))
+                    return
                 module = slice_depthwise(module, in_phys.layout, layout)
             target = self._register(node.target, module)
             new = self.graph.call_module(target, (in_phys.node,))
@@ -164,6 +189,25 @@ class Builder(GraphWriter):
                 if layout.numel() == 0:
                     new = None
         self._record(node, Physical(new, layout))
+
+    def _depthwise_inputs(self, node: fx.Node, in_phys: Physical, layout: torch.Tensor,
+                          multiple: int) -> tuple[Physical, torch.Tensor]:
+        """A depthwise convolution computes only the filters something needs: its input
+        is narrowed first where it carries channels read by others only (GhostNet)."""
+        if multiple != 1:
+            return in_phys, layout
+        keep = (layout >= 0) & self.a.needed[node][layout.clamp_min(0)]
+        if bool(keep.all()):
+            return in_phys, layout
+        where = keep.nonzero().flatten()
+        if where.numel() == 0:
+            return Physical(None, layout[where]), layout[where]
+        first = int(where[0])
+        if torch.equal(where, torch.arange(first, first + where.numel())):
+            narrowed = self.graph.call_method("narrow", (in_phys.node, 1, first, where.numel()))
+        else:
+            narrowed = self._helper("select", ChannelSelect(where, 1), (in_phys.node,))
+        return Physical(narrowed, in_phys.layout[where]), layout[where]
 
     def _sum(self, node: fx.Node) -> None:
         emit_sum(self, node)

@@ -114,9 +114,13 @@ def _helper_config(kind: str, config: dict, fields: Fields, where: str) -> None:
     """The trimming modules' configurations: exact keys, bounded integers."""
     keys = {"ChannelSelect": {"channels", "dim"},
             "ChannelSum": {"signs", "dim", "inplace", "sizes"},
-            "Materialize": {"constant", "channels", "dim", "computed"}}[kind]
+            "Materialize": {"constant", "channels", "dim", "computed"},
+            "CaptureCheck": {"shape"}}[kind]
     if set(config) != keys:
         raise fields.error(where, f"must have the keys {', '.join(sorted(keys))}")
+    if kind == "CaptureCheck":
+        fields.shape(config, "shape", where)
+        return
     fields.integer(config, "dim", where, low=-MAX_DIMS, high=MAX_DIMS)
     if "channels" in config:
         fields.integer(config, "channels", where, low=0, high=2**40)

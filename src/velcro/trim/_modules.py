@@ -269,12 +269,13 @@ def rebuild(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
     base = nn.Linear if isinstance(module, nn.Linear) else next(
         c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(module, c))
     cls = WITH_MAP[base] if bias_map.numel() else base
+    like = {"dtype": weight.dtype, "device": weight.device}  # not the default dtype
     if base is nn.Linear:
-        new = cls(weight.shape[1], weight.shape[0], bias=True)
+        new = cls(weight.shape[1], weight.shape[0], bias=True, **like)
     else:
         new = cls(weight.shape[1] * module.groups, weight.shape[0], module.kernel_size,
                   stride=module.stride, padding=module.padding, dilation=module.dilation,
-                  groups=module.groups, bias=True, padding_mode=module.padding_mode)
+                  groups=module.groups, bias=True, padding_mode=module.padding_mode, **like)
     dtype = weight.dtype
     with torch.no_grad():
         new.weight.copy_(weight)

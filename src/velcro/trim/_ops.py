@@ -12,6 +12,15 @@ Every node gets one kind:
 - ``cat``: concatenation along the channel axis.
 - ``flatten``: ``(N, C, *rest) -> (N, C * prod(rest))``: channel c becomes units.
 - ``batch_size``: ``x.size(0)``, the one shape query a trimmed tensor answers unchanged.
+- ``shape``: any other read of a tensor's shape, rank, dtype or device (``x.ndim``,
+  ``x.shape``, ``x.size(d)``, ``x.dim()``, timm's ``torch._assert(x.ndim == 4)``): it reads no
+  channel value, so it demands none; the original channel count is answered as a constant.
+- ``grouped``: a convolution with 1 < groups < input channels: output channel c reads the
+  input channels of its group only (``_grouped``).
+- ``chanpad``: ``F.pad`` that adds constant channels before/after the channel axis (the
+  CIFAR ResNets' option-A shortcut): a known placement, nothing computed (``_placement``).
+- ``split`` / ``select``: ``torch.split``/``chunk`` along the channels read through
+  ``getitem``, and ``x[:, a:b]``: a channel range of the input (``_placement``).
 - ``opaque``: anything else. It gets the full tensor, constants placed, so that its result is
   exactly the original one (correct, but nothing is saved through it).
 """
@@ -24,6 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from velcro.graph._plain import is_plain
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -40,6 +51,10 @@ SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+    nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
 )
 CHANNELWISE_MODULES = ELEMENTWISE_MODULES + SPATIAL_MODULES
 ELEMENTWISE_FUNCTIONS = {
@@ -74,8 +89,93 @@ def _hashable(target: object) -> bool:
 
 def is_depthwise(module: nn.Module) -> bool:
     """A convolution whose every group reads one input channel."""
-    return (isinstance(module, CONV_MODULES) and module.groups == module.in_channels
+    return (is_plain(module, CONV_MODULES) and module.groups == module.in_channels
             and module.groups > 1)
+
+
+def is_grouped(module: nn.Module) -> bool:
+    """A convolution of several groups, each reading several input channels."""
+    return is_plain(module, CONV_MODULES) and 1 < module.groups < module.in_channels
+
+
+SHAPE_ATTRIBUTES = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+SHAPE_METHODS = frozenset({"dim", "size", "get_device"})
+
+
+def is_shape_read(node: fx.Node) -> bool:
+    """``x.ndim``, ``x.shape``, ``x.size(d)``, ``x.dim()``, ...: reads no channel value."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in SHAPE_ATTRIBUTES
+    return node.op == "call_method" and node.target in SHAPE_METHODS and len(
+        node.all_input_nodes) == 1
+
+
+def split_dim(node: fx.Node) -> int | None:
+    """The axis of ``torch.split(x, sizes, dim)`` / ``x.chunk(n, dim)``, else None."""
+    if node.op == "call_function" and _hashable(node.target) and node.target in (
+            torch.split, torch.chunk):
+        pass
+    elif not (node.op == "call_method" and node.target in ("split", "chunk")):
+        return None
+    if len(node.all_input_nodes) != 1:
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return dim if isinstance(dim, int) else None
+
+
+def pad_amounts(node: fx.Node) -> tuple[int, ...] | None:
+    """The ``pad`` tuple of an ``F.pad`` call in constant mode (or any mode when spatial)."""
+    if not (node.op == "call_function" and node.target is F.pad) or len(
+            node.all_input_nodes) != 1:
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pad, (tuple, list)) or len(pad) % 2 or not all(
+            isinstance(p, int) for p in pad):
+        return None
+    return tuple(pad)
+
+
+def pad_kind(node: fx.Node, channel_axis: int | None, ndim: int | None) -> str | None:
+    """``channelwise`` for a spatial pad, ``chanpad`` for one that adds channels."""
+    pad = pad_amounts(node)
+    if pad is None or channel_axis != 1 or ndim is None:
+        return None
+    padded_axes = len(pad) // 2  # the last ones
+    if padded_axes <= ndim - 2:
+        return "channelwise"
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    channel = pad[2 * (ndim - 2): 2 * (ndim - 1)]
+    batch = pad[2 * (ndim - 1):]
+    if mode == "constant" and min(channel) >= 0 and not any(batch):
+        return "chanpad"
+    return None
+
+
+def channel_range(node: fx.Node, channel_axis: int | None) -> tuple[int, int] | None:
+    """``x[:, a:b]`` (later axes whole): the channel range (``b`` may be None), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem) or (
+            channel_axis != 1 or len(node.all_input_nodes) != 1):
+        return None
+    index = node.args[1]
+    if not isinstance(index, tuple) or len(index) < 2 or index[0] != slice(None):
+        return None
+    chosen = index[1]
+    if not isinstance(chosen, slice) or chosen.step not in (None, 1) or any(
+            i not in (slice(None), Ellipsis) for i in index[2:]):
+        return None
+    if not all(v is None or isinstance(v, int) for v in (chosen.start, chosen.stop)):
+        return None
+    return chosen.start or 0, chosen.stop
+
+
+def _spatial_slicing(node: fx.Node, channel_axis: int | None) -> bool:
+    """``x[:, :, ::2, ::2]``: batch and channels whole, later axes sliced."""
+    if not (node.op == "call_function" and node.target is operator.getitem) or (
+            channel_axis != 1 or len(node.all_input_nodes) != 1):
+        return False
+    index = node.args[1]
+    return (isinstance(index, tuple) and len(index) > 2 and index[0] == slice(None)
+            and index[1] == slice(None) and all(isinstance(i, slice) for i in index[2:]))
 
 
 def tensor_arg(node: fx.Node) -> fx.Node | None:
@@ -138,7 +238,7 @@ def _flatten_start(node: fx.Node, gm: fx.GraphModule) -> int | None:
     """The start_dim of a flatten that runs to the last axis, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Flatten) and module.end_dim == -1:
+        if is_plain(module, nn.Flatten) and module.end_dim == -1:
             return module.start_dim
         return None
     if node.op == "call_function" and node.target is torch.flatten or (
@@ -171,13 +271,15 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
     """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, CONV_MODULES) and module.groups == 1 or isinstance(module, nn.Linear):
+        if is_plain(module, CONV_MODULES) and module.groups == 1 or is_plain(module, nn.Linear):
             return "producer"
         if channel_axis is None:
             return "opaque"
-        if isinstance(module, ELEMENTWISE_MODULES) or channel_axis == 1 and (
-                is_depthwise(module) or isinstance(module, BATCHNORM_MODULES + SPATIAL_MODULES)):
+        if is_plain(module, ELEMENTWISE_MODULES) or channel_axis == 1 and (
+                is_depthwise(module) or is_plain(module, BATCHNORM_MODULES + SPATIAL_MODULES)):
             return "channelwise"
+        if channel_axis == 1 and is_grouped(module):
+            return "grouped"
         if _flatten_start(node, gm) == channel_axis == 1:
             return "flatten"
         return "opaque"
@@ -185,6 +287,10 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
         return "opaque"
     if classify_batch_size(node):
         return "batch_size"
+    if channel_axis is not None and is_shape_read(node):
+        return "shape"
+    if channel_axis is not None and split_dim(node) is not None:
+        return "split"
     if channel_axis is None and _sum_operands(node) is None and not _is_cat(node):
         return "opaque"
     if _sum_operands(node) is not None:
@@ -193,6 +299,13 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
         return "cat"
     if _flatten_start(node, gm) is not None:
         return "flatten" if _flatten_start(node, gm) == channel_axis == 1 else "opaque"
+    padding = pad_kind(node, channel_axis, ndim)
+    if padding is not None:
+        return padding
+    if channel_range(node, channel_axis) is not None:
+        return "select"
+    if _spatial_slicing(node, channel_axis):
+        return "channelwise"
     if node.op == "call_function" and _hashable(node.target) and _only_first_is_node(node) and (
             node.target in ELEMENTWISE_FUNCTIONS
             or node.target in SPATIAL_FUNCTIONS and channel_axis == 1):

@@ -109,6 +109,34 @@ class GraphWriter:
         new.meta = dict(node.meta)
         return new
 
+    def resolve_attributes(self) -> None:
+        """Give a get_attr of the original model a name of its own where a rebuilt module
+        now sits on its path: ``conv.weight`` read by the model beside a trimmed ``conv``
+        must stay the original weight, not become the trimmed module's."""
+        renamed: dict[str, str] = {}
+        for node in self.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            if node.target in renamed:
+                node.target = renamed[node.target]
+                continue
+            parts = node.target.split(".")
+            for cut in range(1, len(parts)):
+                owner = self.modules.get(".".join(parts[:cut]))
+                if not isinstance(owner, nn.Module):
+                    continue
+                value = self.modules[node.target]
+                held = owner
+                for part in parts[cut:]:
+                    held = getattr(held, part, None)
+                if held is not value:
+                    self.counter += 1
+                    target = self._register(f"velcro.attr_{self.counter}", value)
+                    renamed[node.target] = target
+                    del self.modules[node.target]
+                    node.target = target
+                break
+
     def _record(self, node: fx.Node, phys: Physical) -> None:
         self.phys[node] = phys
         if node in self.a.site_units:
