@@ -1,4 +1,9 @@
-"""Per-site streaming statistics: count, mean and population variance, in float64."""
+"""Per-site streaming statistics: count, mean and population variance, in float64.
+
+Optionally (``velcro.calibrate(..., covariance=True)``) also the channel co-moment of each
+site: the ``channels x channels`` sums of products of deviations from the per-position means,
+over images and positions, which the affine constants of :func:`velcro.plan` are fitted from.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from velcro._io import atomic_path
-from velcro._moments import update_moments
+from velcro._moments import merge_comoment, update_comoment, update_moments
 from velcro.errors import VelcroError
 
 FORMAT = "velcro.stats/1"
@@ -24,12 +29,16 @@ class SiteStats:
 
     ``mean`` and ``m2`` (sum of squared deviations) are float64 tensors with the shape of one
     image's activation (batch axis removed); ``count`` is the number of images seen.
+    ``comoment``, when kept, is the float64 ``(channels, channels)`` sum over images m and
+    positions p of ``(a_k(m, p) - mean_k(p)) * (a_r(m, p) - mean_r(p))``: deviations from the
+    per-position means (None when not kept; an empty tensor before the first image).
     """
 
     count: int
     mean: torch.Tensor
     m2: torch.Tensor
     channel_axis: int = 0
+    comoment: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,18 +51,51 @@ class SiteStats:
             return torch.zeros_like(self.m2)
         return self.m2 / self.count
 
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis] if self.shape else 1
+
+    @property
+    def positions(self) -> int:
+        """Elements per channel (h x w after a convolution)."""
+        return self.mean.numel() // max(1, self.channels)
+
+    @property
+    def channel_covariance(self) -> torch.Tensor:
+        """``(channels, channels)`` covariance of deviations from the per-position means,
+        averaged over images and positions (``comoment / (count * positions)``)."""
+        if self.comoment is None or self.comoment.shape != (self.channels, self.channels):
+            raise VelcroError(
+                "these statistics hold no channel covariance; calibrate with "
+                "velcro.calibrate(..., covariance=True) (`velcro calibrate --covariance`)"
+            )
+        return self.comoment / max(1, self.count * self.positions)
+
     def update(self, batch: torch.Tensor) -> None:
         """Add a batch (first axis = images): float64 Welford, image by image."""
+        if self.comoment is not None:  # before the means move: it reads the old ones
+            self.comoment = update_comoment(self.count, self.mean, self.comoment, batch,
+                                            self.channel_axis)
         self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2, batch)
 
-    def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Fold in the moments of another set of images (exact, Chan et al.)."""
+    def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor,
+                      comoment_b: torch.Tensor | None = None) -> None:
+        """Fold in the moments of another set of images (exact, Chan et al.).
+
+        The co-moment survives only when both sides have one (or one side is empty).
+        """
         n_a = self.count
         if n_b == 0:
             return
         if n_a == 0:
             self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
+            self.comoment = None if comoment_b is None else comoment_b.clone()
             return
+        if self.comoment is not None and comoment_b is not None:
+            self.comoment = merge_comoment(n_a, self.mean, self.comoment, n_b, mean_b,
+                                           comoment_b, self.channel_axis)
+        else:
+            self.comoment = None
         n = n_a + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
@@ -87,6 +129,13 @@ class Stats:
     @property
     def names(self) -> list[str]:
         return list(self.sites)
+
+    @property
+    def has_covariance(self) -> bool:
+        """Every site holds its channel co-moment (``calibrate(..., covariance=True)``)."""
+        return bool(self.sites) and all(
+            s.comoment is not None and s.comoment.shape == (s.channels, s.channels)
+            for s in self.sites.values())
 
     @property
     def count(self) -> int:
@@ -126,8 +175,9 @@ class Stats:
         merged = {}
         for name, a in self.sites.items():
             b = other.sites[name]
-            site = SiteStats(a.count, a.mean.clone(), a.m2.clone(), a.channel_axis)
-            site.merge_moments(b.count, b.mean, b.m2)
+            site = SiteStats(a.count, a.mean.clone(), a.m2.clone(), a.channel_axis,
+                             None if a.comoment is None else a.comoment.clone())
+            site.merge_moments(b.count, b.mean, b.m2, b.comoment)
             merged[name] = site
         return Stats(merged, self.structure, self.weights, dict(self.info))
 
@@ -161,10 +211,12 @@ class Stats:
         for name, s in self.sites.items():
             tensors[f"mean/{name}"] = s.mean.contiguous()
             tensors[f"m2/{name}"] = s.m2.contiguous()
-            sites_meta.append(
-                {"name": name, "shape": list(s.shape), "count": s.count,
-                 "channel_axis": s.channel_axis}
-            )
+            row = {"name": name, "shape": list(s.shape), "count": s.count,
+                   "channel_axis": s.channel_axis}
+            if s.comoment is not None and s.comoment.shape == (s.channels, s.channels):
+                tensors[f"comoment/{name}"] = s.comoment.contiguous()
+                row["covariance"] = True
+            sites_meta.append(row)
         meta = {
             "format": FORMAT,
             "structure": self.structure,
@@ -201,10 +253,16 @@ class Stats:
                 m["name"]: SiteStats(
                     int(m["count"]), tensors[f"mean/{m['name']}"], tensors[f"m2/{m['name']}"],
                     int(m.get("channel_axis", 0)),
+                    tensors[f"comoment/{m['name']}"] if m.get("covariance") else None,
                 )
                 for m in meta["sites"]
             }
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            for site in sites.values():
+                if site.comoment is not None and (
+                        site.comoment.shape != (site.channels, site.channels)
+                        or site.comoment.dtype != torch.float64):
+                    raise ValueError("comoment")
+        except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError):
             raise VelcroError(
                 f"'{path}' is a safetensors file but not velcro statistics "
                 f"(no '{FORMAT}' metadata); make one with `velcro calibrate`"

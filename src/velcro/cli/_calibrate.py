@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     group.add_argument("--search-fraction", type=float, default=0.0, metavar="F",
                        help="share set aside for a threshold search (default 0)")
     group.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    group.add_argument("--covariance", action="store_true",
+                       help="also keep each site's channel covariance (channels^2 float64 per "
+                            "site), needed by --constant affine plans")
     common.add_runtime_options(parser)
     parser.set_defaults(run=run)
 
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         })
     loader = common.make_loader(folder.subset(the_split["calibration"]), args, device)
     stats = velcro.calibrate(model, loader, max_images=args.max_images,
-                             progress=common.progress(args))
+                             progress=common.progress(args), covariance=args.covariance)
     skipped = loader.skipped_list()
     split_file = str(split_path if split_path is not None else args.split)
     stats.info.update({
@@ -92,12 +95,16 @@ def run(args: argparse.Namespace) -> int:
         "split": split_file, "split_counts": the_split.counts(),
         "calibration_images": stats.count, "skipped": skipped,
         "sites": len(stats), "activation_elements": elements, "stats": str(stats_path),
+        "covariance_bytes": sum(s.comoment.numel() * 8 for s in stats.sites.values()
+                                if s.comoment is not None),
     }
     counts = ", ".join(f"{n} {name}" for name, n in the_split.counts().items())
     lines = [
         f"calibrated {type(model).__name__} on {stats.count} images "
         f"(task {data.task or 'all folders'}; split {counts})",
-        f"{len(stats)} activation sites, {elements:,} elements per image",
+        f"{len(stats)} activation sites, {elements:,} elements per image"
+        + (f"; channel covariances {summary['covariance_bytes'] / 2**20:.1f} MiB"
+           if args.covariance else ""),
         f"wrote {stats_path}" + (f" and {split_path}" if split_path is not None else ""),
         *common.skipped_lines(skipped),
     ]
