@@ -32,6 +32,47 @@ class ConstantReplace(nn.Module):
         return f"constant={int(self.mask.sum())}/{self.mask.numel()}"
 
 
+class AffineReplace(nn.Module):
+    """Replaces channels ``units`` by their affine prediction from the other channels.
+
+    ``out[:, r] = offset_r + sum_k coefficients[r, k] * x[:, k]`` at every position for the
+    chosen channels r (coefficients are zero on the chosen channels' own columns); the
+    other channels pass unchanged. The reference semantics of an affine channel plan.
+
+    Args:
+        units: the chosen channels.
+        offset: tensor of one image's activation shape; the chosen channels' offsets.
+        coefficients: ``(len(units), channels)``.
+        channel_axis: the channel axis of one image's tensor (0, or -1 after a linear).
+    """
+
+    def __init__(self, units: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
+                 channel_axis: int) -> None:
+        super().__init__()
+        axis = channel_axis % offset.dim()
+        self.axis = axis + 1  # in the batched tensor
+        self.register_buffer("units", units.to(torch.int64).clone())
+        self.register_buffer("offset", offset.index_select(axis, self.units).clone())
+        self.register_buffer("coefficients", coefficients.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.matmul(x.movedim(self.axis, -1), self.coefficients.to(x.dtype).T)
+        predicted = mixed.movedim(-1, self.axis) + self.offset.to(x.dtype)
+        return x.index_copy(self.axis, self.units, predicted)
+
+    def extra_repr(self) -> str:
+        return f"predicted={self.units.numel()}/{self.coefficients.shape[1]}"
+
+
+def replacement(plan: Plan, name: str) -> nn.Module:
+    """The module that puts site ``name``'s plan in place (constants or predictions)."""
+    site_plan = plan.sites[name]
+    if site_plan.coefficients is not None:
+        return AffineReplace(site_plan.units, site_plan.constant, site_plan.coefficients,
+                             site_plan.channel_axis)
+    return ConstantReplace(plan.mask(name), site_plan.constant)
+
+
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise VelcroError unless ``plan`` was made from statistics of ``model``."""
     Stats({}, plan.structure, plan.weights).check_model(model, what="this plan was")
@@ -40,9 +81,10 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule:
     """A new module whose planned activation outputs are the plan's constants.
 
-    Every other output is computed as before. The original ``model`` is not modified. This
-    is the reference semantics for both granularities; :func:`velcro.trim` computes the same
-    function with the constant filters removed.
+    Every other output is computed as before; an affine plan's channels are computed from
+    the site's kept channels (:class:`AffineReplace`). The original ``model`` is not
+    modified. This is the reference semantics for both granularities; :func:`velcro.trim`
+    computes the same function with the constant filters removed.
 
     Args:
         model: the model the plan's statistics came from.
@@ -68,7 +110,7 @@ def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule
         site_plan = plan.sites.get(site.name)
         if site_plan is None or site_plan.units.numel() == 0:
             continue
-        replacers[site.name] = ConstantReplace(plan.mask(site.name), site_plan.constant)
+        replacers[site.name] = replacement(plan, site.name)
     insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return gm.to(device)

@@ -13,14 +13,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from velcro._affine import (
+    affine_constants,
+    check_affine_options,
+    check_coefficients,
+    residual_scores,
+)
 from velcro._io import atomic_path, write_text_atomic
 from velcro.errors import VelcroError
 from velcro.stats import SiteStats, Stats
 
 FORMAT = "velcro.plan/1"
+# Plans with affine constants: a reader that knew only FORMAT would take their offsets for
+# the constants and ignore the coefficients, so they carry a format it refuses.
+FORMAT_AFFINE = "velcro.plan/2"
 GRANULARITIES = ("element", "channel")
-SCORES = ("variance", "relative")
-CONSTANTS = ("map", "scalar")
+SCORES = ("variance", "relative", "residual")
+CONSTANTS = ("map", "scalar", "affine")
+DEFAULT_RIDGE = 0.1
 Thresholds = float | Mapping[str, float] | Sequence[float]
 
 
@@ -36,6 +46,11 @@ class SitePlan:
             the value that replaces the activation (elsewhere it is 0 and unused).
         shape: the per-image activation shape.
         channel_axis: the channel axis of that shape.
+        coefficients: affine plans only: float32 ``(len(units), channels)``, row i the
+            weights beta of the kept channels in the prediction of channel ``units[i]``
+            (zero in the trimmed channels' columns). The output at chosen channel r is then
+            ``constant_r(p) + sum_k coefficients[r, k] * a_k(p)``: ``constant`` holds the
+            offset ``mu_r - sum_k beta_rk mu_k``. None (or all zero): the constant alone.
     """
 
     threshold: float
@@ -43,6 +58,7 @@ class SitePlan:
     constant: torch.Tensor
     shape: tuple[int, ...]
     channel_axis: int = 0
+    coefficients: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -63,6 +79,7 @@ class Plan:
         structure, weights: fingerprints of the model the statistics came from.
         score, constant_kind: how channels were ranked and what constant replaces them.
         info: free-form metadata saved with the plan.
+        ridge: affine plans: the ridge strength the coefficients were fitted with.
 
     Example:
         >>> plan = velcro.plan(stats, 0.3, granularity="channel")
@@ -77,6 +94,7 @@ class Plan:
     score: str = "variance"
     constant_kind: str = "map"
     info: dict = field(default_factory=dict)
+    ridge: float | None = None
 
     def mask(self, name: str) -> torch.Tensor:
         """Boolean tensor of the site's shape, True where the output is a constant."""
@@ -138,11 +156,14 @@ class Plan:
         for row, (name, site) in zip(rows, self.sites.items(), strict=True):
             tensors[f"units/{name}"] = site.units.to(torch.int64).contiguous()
             tensors[f"constant/{name}"] = site.constant.contiguous()
+            if site.coefficients is not None:
+                tensors[f"coefficients/{name}"] = site.coefficients.float().contiguous()
             row["channel_axis"] = site.channel_axis
             if self.granularity == "channel":
                 row["channels"] = site.units.tolist()
+        affine = any(site.coefficients is not None for site in self.sites.values())
         document = {
-            "format": FORMAT,
+            "format": FORMAT_AFFINE if affine else FORMAT,
             "granularity": self.granularity,
             "score": self.score,
             "constant": self.constant_kind,
@@ -153,8 +174,10 @@ class Plan:
             "info": self.info,
             "sites": rows,
         }
+        if self.ridge is not None:
+            document["ridge"] = str(self.ridge) if math.isinf(self.ridge) else self.ridge
         with atomic_path(_tensor_file(path)) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            save_file(tensors, str(tmp), metadata={"format": document["format"]})
         write_text_atomic(path, _readable_json(document))
 
     @classmethod
@@ -165,7 +188,7 @@ class Plan:
             raise VelcroError(f"plan file '{path}' does not exist; make one with `velcro compress`")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-            if document.get("format") != FORMAT:
+            if document.get("format") not in (FORMAT, FORMAT_AFFINE):
                 raise ValueError
         except (ValueError, UnicodeDecodeError, AttributeError):
             raise VelcroError(
@@ -187,16 +210,18 @@ class Plan:
                 sites[name] = SitePlan(
                     float(row["threshold"]), tensors[f"units/{name}"],
                     tensors[f"constant/{name}"], tuple(row["shape"]),
-                    int(row.get("channel_axis", 0)),
+                    int(row.get("channel_axis", 0)), tensors.get(f"coefficients/{name}"),
                 )
+                check_coefficients(sites[name], name, path)
         except KeyError as exc:
             raise VelcroError(
                 f"plan '{path}' and its tensors '{tensor_path}' disagree (missing {exc}); "
                 "save the plan again"
             ) from None
+        ridge = document.get("ridge")
         return cls(document["granularity"], sites, document["structure"], document["weights"],
                    document.get("score", "variance"), document.get("constant", "map"),
-                   document.get("info", {}))
+                   document.get("info", {}), None if ridge is None else float(ridge))
 
 
 def _readable_json(document: dict) -> str:
@@ -245,17 +270,22 @@ def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str
     return values
 
 
-def channel_scores(site: SiteStats, score: str = "variance") -> torch.Tensor:
+def channel_scores(site: SiteStats, score: str = "variance",
+                   ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """Per-channel locality score (lower = more constant).
 
     ``variance``: mean of the element variances over the channel. ``relative``: the
     scale-free sum(V) / sum(M^2) over the channel (a squared coefficient of variation).
+    ``residual``: the order of a greedy selection by the variance left after the ridge
+    prediction from the kept channels (needs the channel covariance; see ``velcro._affine``).
     """
     axis = site.channel_axis % site.mean.dim()
     dims = [d for d in range(site.mean.dim()) if d != axis]
     variance = site.variance
     if score == "variance":
         return variance.mean(dim=dims) if dims else variance
+    if score == "residual":
+        return residual_scores(site.channel_covariance, ridge)
     power = site.mean.square()
     if dims:
         variance, power = variance.sum(dim=dims), power.sum(dim=dims)
@@ -277,6 +307,7 @@ def plan(
     granularity: str = "element",
     score: str = "variance",
     constant: str = "map",
+    ridge: float = DEFAULT_RIDGE,
 ) -> Plan:
     """Choose, per site, the T_k fraction of units with the lowest variance.
 
@@ -287,10 +318,18 @@ def plan(
             whole unit.
         granularity: ``element`` (VELCRO, per activation element) or ``channel`` (S-VELCRO,
             whole filters).
-        score: how units are ranked: ``variance`` (lowest variance first) or ``relative``
-            (variance / mean^2, scale-free).
+        score: how units are ranked: ``variance`` (lowest variance first), ``relative``
+            (variance / mean^2, scale-free) or, for channels, ``residual`` (lowest variance
+            left after predicting each channel from the kept ones, greedily; needs
+            statistics calibrated with ``covariance=True``).
         constant: for channels, replace by the channel's mean map (``map``, exact for any
-            downstream linear layer) or by one scalar per channel (``scalar``).
+            downstream linear layer), by one scalar per channel (``scalar``), or by the
+            affine prediction from the site's kept channels (``affine``: the mean map plus
+            a ridge regression on the kept channels' deviations from theirs; needs
+            statistics calibrated with ``covariance=True``; see ``velcro._affine``).
+        ridge: ``affine`` constants and ``residual`` scores: the ridge strength, relative
+            to each kept channel's variance (``math.inf``: the mean map). Choose it on
+            held-out images: :func:`velcro.search` does.
 
     Returns:
         A :class:`Plan`; ``plan.saving_ratio`` is the papers' C.
@@ -299,13 +338,16 @@ def plan(
         >>> p = velcro.plan(stats, {"layer4.1.relu:1": 0.5}, granularity="channel")
         >>> p.saving_ratio
         0.0108...
+        >>> stats = velcro.calibrate(model, loader, covariance=True)
+        >>> p = velcro.plan(stats, 0.3, granularity="channel", constant="affine", ridge=0.1)
     """
     if granularity not in GRANULARITIES:
         raise VelcroError(f"granularity '{granularity}' is unknown; use 'element' or 'channel'")
     if score not in SCORES:
-        raise VelcroError(f"score '{score}' is unknown; use 'variance' or 'relative'")
+        raise VelcroError(f"score '{score}' is unknown; use one of {', '.join(SCORES)}")
     if constant not in CONSTANTS:
-        raise VelcroError(f"constant '{constant}' is unknown; use 'map' or 'scalar'")
+        raise VelcroError(f"constant '{constant}' is unknown; use one of {', '.join(CONSTANTS)}")
+    check_affine_options(stats, granularity, score, constant, ridge)
     if stats.count == 0:
         raise VelcroError("statistics hold no images; calibrate on at least one image")
     fractions = resolve_thresholds(stats.names, thresholds)
@@ -313,6 +355,7 @@ def plan(
     for name, site in stats.sites.items():
         fraction = fractions[name]
         mean = site.mean
+        coefficients = None
         if granularity == "element":
             if score == "variance":
                 scores = site.variance.flatten()
@@ -323,8 +366,11 @@ def plan(
             values = torch.zeros(mean.numel(), dtype=torch.float64)
             values[units] = mean.flatten()[units]
             values = values.view(mean.shape)
+        elif constant == "affine":
+            units = _choose(channel_scores(site, score, ridge), fraction)
+            values, coefficients = affine_constants(site, units, ridge)
         else:
-            units = _choose(channel_scores(site, score), fraction)
+            units = _choose(channel_scores(site, score, ridge), fraction)
             axis = site.channel_axis % mean.dim()
             source = mean
             if constant == "scalar":
@@ -335,6 +381,6 @@ def plan(
             index[axis] = units
             values[tuple(index)] = source[tuple(index)]
         sites[name] = SitePlan(fraction, units, values.to(torch.float32).contiguous(),
-                               tuple(mean.shape), site.channel_axis)
+                               tuple(mean.shape), site.channel_axis, coefficients)
     return Plan(granularity, sites, stats.structure, stats.weights, score, constant,
-                dict(stats.info))
+                dict(stats.info), ridge if constant == "affine" else None)

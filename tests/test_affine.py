@@ -1,0 +1,220 @@
+"""Affine constants: trimmed channels predicted from the kept ones (constant="affine")."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_stats import chain_activations
+from zoo import build, images
+
+import velcro
+from velcro._affine import residual_scores
+from velcro.errors import VelcroError
+
+
+def deviations(acts: np.ndarray, channel_axis: int) -> np.ndarray:
+    """(images * positions, channels): deviations from the per-position means."""
+    axis = channel_axis + 1 if channel_axis >= 0 else acts.ndim - 1
+    centred = acts - acts.mean(axis=0, keepdims=True)
+    moved = np.moveaxis(centred, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def lstsq_ridge(x: np.ndarray, dropped: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge regression of the dropped columns on the kept ones by numpy.linalg.lstsq on the
+    augmented system [X_K; sqrt(ridge * n * var_k) I] beta^T = [X_R; 0]: the penalty is
+    ridge * n * sum_k var_k beta_rk^2, var_k the kept channel's variance about its means."""
+    n, channels = x.shape
+    kept = np.setdiff1d(np.arange(channels), dropped)
+    design, target = x[:, kept], x[:, dropped]
+    penalty = np.diag(np.sqrt(ridge * n * (design ** 2).mean(axis=0)))
+    augmented = np.vstack([design, penalty])
+    padded = np.vstack([target, np.zeros((len(kept), len(dropped)))])
+    solution = np.linalg.lstsq(augmented, padded, rcond=None)[0]
+    beta = np.zeros((len(dropped), channels))
+    beta[:, kept] = solution.T
+    return beta
+
+
+@pytest.fixture(scope="module")
+def chain_case():
+    model, shape = build("chain")
+    data = images(shape, 48, batch=16)
+    stats = velcro.calibrate(model, data, progress=False, covariance=True)
+    with torch.no_grad():
+        stored = [chain_activations(model, batch) for batch in data]
+    acts = [np.concatenate([b[i].numpy().astype(np.float64) for b in stored])
+            for i in range(len(stats.names))]
+    return model, shape, stats, acts
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.05, 1.0])
+def test_coefficients_match_numpy_lstsq_on_stored_activations(chain_case, ridge):
+    _, _, stats, acts = chain_case
+    plan = velcro.plan(stats, 0.4, granularity="channel", constant="affine", ridge=ridge)
+    assert plan.ridge == ridge and plan.constant_kind == "affine"
+    assert sum(s.coefficients is not None for s in plan.sites.values()) >= 3
+    for name, act in zip(stats.names, acts, strict=True):
+        site, site_plan = stats[name], plan.sites[name]
+        x = deviations(act, site.channel_axis)
+        dropped = site_plan.units.numpy()
+        expected = lstsq_ridge(x, dropped, ridge)
+        got = (np.zeros_like(expected) if site_plan.coefficients is None  # beta = 0 exactly
+               else site_plan.coefficients.double().numpy())
+        assert site_plan.coefficients is not None or not np.any(np.abs(expected) > 1e-6)
+        np.testing.assert_allclose(got, expected, rtol=1e-3,
+                                   atol=1e-4 * max(1e-9, np.abs(expected).max()))
+        assert np.all(got[:, dropped] == 0)
+        # the offsets: mean of the dropped channels minus beta times the kept channels' means
+        mean = np.moveaxis(act.mean(0), site.channel_axis, -1)
+        offset = np.moveaxis(site_plan.constant.double().numpy(), site.channel_axis, -1)
+        np.testing.assert_allclose(offset[..., dropped], mean[..., dropped] - mean @ got.T,
+                                   rtol=1e-4, atol=1e-5 * np.abs(mean).max())
+
+
+def test_apply_computes_the_prediction(chain_case):
+    model, shape, stats, _ = chain_case
+    plan = velcro.plan(stats, 0.5, granularity="channel", constant="affine", ridge=0.1)
+    x = images(shape, 5, seed=9)[0]
+    with torch.no_grad():
+        site = plan.sites["act1"]
+        raw = chain_activations(model, x)[0].double().numpy()  # (N, C, H, W)
+        beta = site.coefficients.double().numpy()
+        mean = stats["act1"].mean.numpy()
+        predicted = mean[None, site.units] + np.einsum("rc,nchw->nrhw", beta,
+                                                       raw - mean[None])
+        gm = velcro.apply(model, velcro.plan(stats, {"act1": 0.5}, granularity="channel",
+                                             constant="affine", ridge=0.1))
+        after = {}
+        gm.velcro_constant_0.register_forward_hook(lambda m, i, o: after.update(out=o))
+        gm(x)
+    out = after["out"].double().numpy()
+    np.testing.assert_allclose(out[:, site.units], predicted, rtol=1e-4, atol=1e-5)
+    kept = np.setdiff1d(np.arange(8), site.units.numpy())
+    np.testing.assert_array_equal(out[:, kept], raw[:, kept].astype(np.float32))
+
+
+def test_infinite_ridge_is_the_mean_map(chain_case):
+    model, shape, stats, _ = chain_case
+    affine = velcro.plan(stats, 0.5, granularity="channel", constant="affine", ridge=math.inf)
+    mean = velcro.plan(stats, 0.5, granularity="channel", constant="map")
+    x = images(shape, 4, seed=2)[0]
+    for name in stats.names:
+        assert affine.sites[name].coefficients is None
+        torch.testing.assert_close(affine.sites[name].constant, mean.sites[name].constant)
+    with torch.no_grad():
+        torch.testing.assert_close(velcro.apply(model, affine)(x), velcro.apply(model, mean)(x))
+
+
+def test_affine_beats_the_mean_on_the_calibration_images():
+    """On correlated channels, the prediction's residual is below the mean map's."""
+    model, shape = build("depthwise")
+    data = images(shape, 64, batch=16)
+    stats = velcro.calibrate(model, data, progress=False, covariance=True)
+    for name in stats.names:
+        site = stats[name]
+        affine = velcro.plan(stats, {name: 0.5}, granularity="channel", constant="affine",
+                             ridge=0.0).sites[name]
+        if affine.coefficients is None:
+            continue
+        sigma = site.channel_covariance
+        beta = affine.coefficients.double()
+        units = affine.units
+        residual = torch.diagonal(sigma[units][:, units] - 2 * beta @ sigma[:, units]
+                                  + beta @ sigma @ beta.T)
+        assert float(residual.sum()) <= float(torch.diagonal(sigma)[units].sum()) + 1e-12
+
+
+def greedy_reference(sigma: np.ndarray, ridge: float) -> list[int]:
+    """Forward selection by brute force: keep, each step, the channel whose ridge residual
+    variance given the kept ones is largest; return the trimming order (kept last first)."""
+    channels = sigma.shape[0]
+    kept: list[int] = []
+    while len(kept) < channels:
+        best, best_value = None, -np.inf
+        for j in range(channels):
+            if j in kept:
+                continue
+            if kept:
+                k = np.array(kept)
+                system = sigma[np.ix_(k, k)] + np.diag(ridge * np.diag(sigma)[k])
+                beta = np.linalg.solve(system, sigma[k, j])
+                value = sigma[j, j] - sigma[j, k] @ beta
+            else:
+                value = sigma[j, j]
+            if value > best_value + 1e-12:
+                best, best_value = j, value
+        kept.append(best)
+    return kept[::-1]
+
+
+def test_residual_ranking_is_the_greedy_selection():
+    gen = np.random.default_rng(0)
+    factors = gen.normal(size=(500, 3))
+    loadings = gen.normal(size=(3, 7))
+    x = factors @ loadings + 0.3 * gen.normal(size=(500, 7))
+    x[:, 5] = 2.0 * x[:, 1] + 0.01 * gen.normal(size=500)  # a large but predictable copy
+    sigma = np.cov(x.T, bias=True)
+    orders = {}
+    for ridge in (0.0, 0.2):
+        scores = residual_scores(torch.from_numpy(sigma), ridge)
+        orders[ridge] = torch.sort(scores, stable=True).indices.tolist()
+        assert orders[ridge] == greedy_reference(sigma, ridge)
+    assert orders[0.0][0] in (1, 5)  # one of the pair goes first, though both vary a lot
+    assert np.argsort(np.diag(sigma))[0] not in (1, 5)
+    variance_order = torch.sort(residual_scores(torch.from_numpy(sigma), math.inf)).indices
+    assert variance_order.tolist() == np.argsort(np.diag(sigma), kind="stable").tolist()
+
+
+def test_plans_save_and_load_with_their_coefficients(chain_case, tmp_path):
+    model, shape, stats, _ = chain_case
+    plan = velcro.plan(stats, 0.4, granularity="channel", constant="affine", ridge=0.2,
+                       score="residual")
+    plan.save(tmp_path / "p.json")
+    document = json.loads((tmp_path / "p.json").read_text())
+    assert document["format"] == "velcro.plan/2" and document["ridge"] == 0.2
+    loaded = velcro.Plan.load(tmp_path / "p.json")
+    assert loaded.ridge == 0.2 and loaded.score == "residual"
+    for name in stats.names:
+        torch.testing.assert_close(loaded.sites[name].coefficients,
+                                   plan.sites[name].coefficients, rtol=0, atol=0)
+    x = images(shape, 4, seed=5)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(velcro.apply(model, loaded)(x), velcro.apply(model, plan)(x))
+    velcro.plan(stats, 0.4, granularity="channel").save(tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["format"] == "velcro.plan/1"
+    inf = velcro.plan(stats, 0.4, granularity="channel", constant="affine", ridge=math.inf)
+    inf.save(tmp_path / "i.json")
+    assert velcro.Plan.load(tmp_path / "i.json").ridge == math.inf
+
+
+def test_corrupt_coefficients_are_refused(chain_case, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, stats, _ = chain_case
+    plan = velcro.plan(stats, 0.4, granularity="channel", constant="affine")
+    plan.save(tmp_path / "p.json")
+    tensors = load_file(str(tmp_path / "p.json.safetensors"))
+    name = stats.names[0]
+    for bad in (tensors[f"coefficients/{name}"][:, :-1],
+                tensors[f"coefficients/{name}"] * float("nan")):
+        save_file({**tensors, f"coefficients/{name}": bad.contiguous()},
+                  str(tmp_path / "p.json.safetensors"), metadata={"format": "velcro.plan/2"})
+        with pytest.raises(VelcroError, match="affine coefficients"):
+            velcro.Plan.load(tmp_path / "p.json")
+
+
+def test_affine_options_are_checked(chain_case):
+    model, shape, stats, _ = chain_case
+    plain = velcro.calibrate(model, images(shape, 8), progress=False)
+    with pytest.raises(VelcroError, match="covariance=True"):
+        velcro.plan(plain, 0.3, granularity="channel", constant="affine")
+    with pytest.raises(VelcroError, match="covariance=True"):
+        velcro.plan(plain, 0.3, granularity="channel", score="residual")
+    with pytest.raises(VelcroError, match="channel plans"):
+        velcro.plan(stats, 0.3, constant="affine")
+    for ridge in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(VelcroError, match="ridge"):
+            velcro.plan(stats, 0.3, granularity="channel", constant="affine", ridge=ridge)
