@@ -10,8 +10,9 @@ from test_stats import chain_activations
 from zoo import build, images
 
 import velcro
-from velcro._affine import residual_scores
+from velcro._affine import heldout_errors, residual_scores
 from velcro.errors import VelcroError
+from velcro.stats import SiteStats
 
 
 def deviations(acts: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -218,3 +219,59 @@ def test_affine_options_are_checked(chain_case):
     for ridge in (-1.0, float("nan"), "0.1"):
         with pytest.raises(VelcroError, match="ridge"):
             velcro.plan(stats, 0.3, granularity="channel", constant="affine", ridge=ridge)
+
+
+def site_stats(x: np.ndarray) -> SiteStats:
+    """Statistics of activations ``x`` (images, channels, positions) with covariance."""
+    site = SiteStats(0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64),
+                     0, torch.zeros((0, 0), dtype=torch.float64))
+    site.update(torch.from_numpy(x))
+    return site
+
+
+def test_heldout_errors_match_numpy_predictions():
+    gen = np.random.default_rng(3)
+    mix = gen.normal(size=(5, 5))
+    calibration = np.einsum("cd,ndp->ncp", mix, gen.normal(size=(30, 5, 6))) + 1.0
+    heldout = np.einsum("cd,ndp->ncp", mix, gen.normal(size=(20, 5, 6))) + 1.3
+    cal, held = site_stats(calibration), site_stats(heldout)
+    dropped = torch.tensor([1, 3])
+    ridges = [math.inf, 0.5, 0.0]
+    errors = heldout_errors(cal, held, dropped, ridges)
+    mean = calibration.mean(axis=0)  # (channels, positions)
+    for ridge, error in zip(ridges, errors, strict=True):
+        beta = np.zeros((2, 5)) if math.isinf(ridge) else lstsq_ridge(
+            deviations(calibration, 0), dropped.numpy(), ridge)
+        predicted = mean[None, [1, 3]] + np.einsum("rc,ncp->nrp", beta, heldout - mean[None])
+        expected = ((heldout[:, [1, 3]] - predicted) ** 2).sum(axis=1).mean()
+        assert error == pytest.approx(expected, rel=1e-4)
+    assert errors[2] < errors[0]  # correlated channels: the prediction pays on new images
+
+
+def test_per_site_ridges_fall_back_to_the_mean_where_predictions_do_not_generalise():
+    """Four calibration images whose channels happen to be correlated, held-out images where
+    they are not: the held-out error chooses the mean (ridge inf) there, and a finite ridge
+    where the correlation is real."""
+    from velcro.search._candidates import SiteRanking
+
+    gen = np.random.default_rng(0)
+    common = gen.normal(size=(4, 1, 9))
+    spurious = common + 0.05 * gen.normal(size=(4, 4, 9))
+    independent = gen.normal(size=(40, 4, 9))
+    real = gen.normal(size=(40, 1, 9)) + 0.05 * gen.normal(size=(40, 4, 9))
+    for calibration, heldout, mean_wins in ((spurious, independent, True),
+                                            (real[:20], real[20:], False)):
+        ranking = SiteRanking("s", torch.arange(4), torch.zeros(4, 9), (4, 9), 0, 4, 36,
+                              site_stats(calibration), 0.1, (1.0, 0.1, 0.0),
+                              site_stats(heldout))
+        chosen = ranking.chosen_ridge(torch.tensor([0, 1]))
+        assert math.isinf(chosen) == mean_wins
+        assert (ranking.affine(2) is None) == mean_wins
+
+
+def test_the_skipping_kernels_refuse_affine_plans(chain_case):
+    model, _, stats, _ = chain_case
+    plan = velcro.plan(stats, 0.5, granularity="channel", constant="affine")
+    with pytest.raises(VelcroError, match="affine plan"):
+        velcro.kernels.conv_sites(model, plan)
+    assert velcro.kernels.conv_sites(model, velcro.plan(stats, 0.5, granularity="channel"))

@@ -33,7 +33,6 @@ from velcro._moments import channels_first
 from velcro.errors import VelcroError
 
 if TYPE_CHECKING:
-    from velcro.plan import SitePlan
     from velcro.stats import SiteStats, Stats
 
 # A floor on the regularised diagonal, relative to the largest channel variance: keeps the
@@ -88,6 +87,30 @@ def affine_offset(mean: torch.Tensor, beta: torch.Tensor, dropped: torch.Tensor,
     moved = list(mean.shape)
     moved.insert(0, moved.pop(axis))
     return result.view(moved).movedim(0, axis)
+
+
+def heldout_errors(calibration: SiteStats, heldout: SiteStats, dropped: torch.Tensor,
+                   ridges: list[float]) -> list[float]:
+    """Mean squared error of each ridge's prediction of the dropped channels on held-out
+    images: per image and position, summed over the dropped channels.
+
+    The predictions are fitted on ``calibration`` (coefficients and means); the error is
+    read from ``heldout``'s moments in closed form: with d = a - mu_calibration, the second
+    moment of d is the held-out covariance plus the mean over positions of
+    ``(mu_heldout - mu_calibration)(p)`` times its transpose, and the error of beta is
+    ``trace(B E[d d^T] B^T)``, ``B = [I_R, -beta]``. ``ridge = inf`` is the mean map's error.
+    """
+    delta = channels_first((heldout.mean - calibration.mean).unsqueeze(0).to(torch.float64),
+                           calibration.channel_axis)[0]
+    second = heldout.channel_covariance + delta @ delta.T / max(1, delta.shape[1])
+    sigma = calibration.channel_covariance
+    errors = []
+    rows = torch.arange(dropped.numel())
+    for ridge in ridges:
+        weights = -ridge_coefficients(sigma, dropped, ridge)
+        weights[rows, dropped] += 1.0
+        errors.append(float(torch.einsum("rc,cd,rd->", weights, second, weights)))
+    return errors
 
 
 def residual_scores(covariance: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -162,12 +185,12 @@ def affine_constants(site: SiteStats, units: torch.Tensor,
     return offset, beta.to(torch.float32)
 
 
-def check_coefficients(site: SitePlan, name: str, path: Path) -> None:
+def check_coefficients(coefficients: torch.Tensor | None, units: int, channels: int,
+                       name: str, path: Path) -> None:
     """Raise VelcroError unless a loaded site plan's coefficients fit its units and channels."""
-    coefficients = site.coefficients
     if coefficients is None:
         return
-    expected = (site.units.numel(), site.channels)
+    expected = (units, channels)
     if (tuple(coefficients.shape) != expected or not coefficients.is_floating_point()
             or not bool(torch.isfinite(coefficients).all())):
         raise VelcroError(

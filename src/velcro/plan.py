@@ -212,7 +212,8 @@ class Plan:
                     tensors[f"constant/{name}"], tuple(row["shape"]),
                     int(row.get("channel_axis", 0)), tensors.get(f"coefficients/{name}"),
                 )
-                check_coefficients(sites[name], name, path)
+                check_coefficients(sites[name].coefficients, sites[name].units.numel(),
+                                   sites[name].channels, name, path)
         except KeyError as exc:
             raise VelcroError(
                 f"plan '{path}' and its tensors '{tensor_path}' disagree (missing {exc}); "

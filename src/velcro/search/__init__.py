@@ -56,13 +56,16 @@ from tqdm.auto import tqdm
 
 from velcro._io import write_text_atomic
 from velcro.apply import apply
+from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
-from velcro.plan import Plan
+from velcro.plan import DEFAULT_RIDGE, Plan
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._evaluator import CandidateEvaluator
+from velcro.search._ridge import RIDGES, SITE_RIDGES, choose_ridge
 from velcro.search._steps import Searcher
 from velcro.stats import Stats
+from velcro.trim._affine import affine_sites
 
 __all__ = ["SearchResult", "SearchSchedule", "filter_norm_score", "random_score", "search",
            "validate"]
@@ -194,6 +197,8 @@ def search(
     cache_mb: float = 1024.0,
     reuse: SearchResult | None = None,
     progress: bool = True,
+    ridge: float | str | None = None,
+    ridges: Sequence[float] = RIDGES,
 ) -> SearchResult:
     """Per-site thresholds maximising ``objective`` with search accuracy within ``tolerance``.
 
@@ -211,14 +216,25 @@ def search(
         score: how units are ranked: ``variance``, ``relative`` or a hook
             ``score(site_name, site_stats) -> per-channel scores`` (lowest replaced first),
             e.g. :func:`filter_norm_score` or :func:`random_score` for baselines.
-        constant: ``map`` (the mean), ``scalar`` (per-channel scalar) or ``zero`` (a
-            zero-pruning baseline).
+        constant: ``map`` (the mean), ``scalar`` (per-channel scalar), ``zero`` (a
+            zero-pruning baseline) or ``affine`` (channels predicted from the kept ones:
+            statistics calibrated with ``covariance=True``; the prediction is used at the
+            sites where it folds into the consumers or costs little, see
+            ``velcro.trim._affine.affine_sites``; the others get mean maps).
         schedule: profile levels, uniform check and refinement (:class:`SearchSchedule`).
         task_classes: restrict the argmax to these classes (default: all, the papers').
         cache_mb: memory for cached activations (0: every run starts from the images).
         reuse: an earlier result on the same model, statistics, data and ranking; its
             evaluations are reused (a sweep over tolerances profiles once).
         progress: show a progress bar on stderr.
+        ridge: ``affine`` constants (and ``residual`` scores): the ridge strength, relative
+            to each kept channel's variance. None (the default): chosen per site on the
+            search split by the predictions' error there, ``inf`` (the mean map) included,
+            and the plan compared with a mean-map search: the one that saves more on the
+            search split is kept, so affine never saves less than mean maps there.
+            ``"grid"``: the whole search once per ridge of ``ridges``, the best kept. See
+            ``velcro.search._ridge``.
+        ridges: the grid of ``ridge="grid"``.
 
     Returns:
         A :class:`SearchResult`.
@@ -238,12 +254,27 @@ def search(
     levels = schedule.levels
     if levels < 1:
         raise VelcroError(f"schedule levels {levels} is too small; profile at least one level")
+    if constant == "affine" and (ridge is None or ridge == "grid"):
+        return choose_ridge(search, ridge, ridges, model=model, stats=stats, data=data,
+                            granularity=granularity, tolerance=tolerance,
+                            objective=objective, budget=budget, score=score,
+                            constant=constant, schedule=schedule, task_classes=task_classes,
+                            cache_mb=cache_mb, reuse=reuse, progress=progress)
     stats.check_model(model)
     began = time.perf_counter()
-    rankings = Rankings(stats, granularity, score, constant)
+    per_site = constant == "affine" and ridge == "site"
+    ridge = DEFAULT_RIDGE if per_site or ridge is None else ridge
+    if isinstance(ridge, str):
+        raise VelcroError(f"ridge {ridge!r} is unknown; give a number, None or 'grid'")
+    rankings = Rankings(stats, granularity, score, constant, ridge,
+                        affine_sites(model) if constant == "affine" else None,
+                        SITE_RIDGES if per_site else ())
     evaluator = CandidateEvaluator(model, rankings, data, task_classes=task_classes,
                                    cache_mb=cache_mb)
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
+    if per_site:  # the predictions' errors on the search images choose each site's ridge
+        rankings.set_heldout(calibrate(model, [x for x, _ in evaluator.batches],
+                                       progress=False, covariance=True))
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
         memo = reuse.memo
@@ -270,6 +301,8 @@ def search(
             phases[row["phase"]] = phases.get(row["phase"], 0) + 1
     settings = {
         "score": rankings.score_name, "constant": constant, **schedule.to_dict(),
+        **({"ridge": "site" if per_site else str(ridge) if math.isinf(ridge) else ridge}
+           if constant == "affine" or rankings.score_name == "residual" else {}),
         "budget": budget, "task_classes": list(task_classes) if task_classes else None,
         "cache_mb": cache_mb, "evaluations_per_phase": phases,
         # the share of graph nodes the evaluations ran, against running each one fully
@@ -299,7 +332,7 @@ def _reuse_key(rankings: Rankings, evaluator: CandidateEvaluator) -> str:
     labels = torch.cat([labels.cpu() for _, labels in evaluator.batches])
     checksum = float(sum(float(x.double().sum()) for x, _ in evaluator.batches))
     return (f"{rankings.stats.structure}/{rankings.stats.weights}/{rankings.granularity}/"
-            f"{rankings.score_name}/{rankings.constant}/{evaluator.images}/"
+            f"{rankings.score_name}/{rankings.constant}/{rankings.ridge}/{evaluator.images}/"
             f"{int(labels.sum())}/{checksum:.6e}/{evaluator.task_classes is not None}")
 
 

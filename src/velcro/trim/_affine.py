@@ -118,3 +118,39 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent_name, _, name = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, name, module)
+
+
+def affine_sites(model: nn.Module, share: float = 0.25) -> set[str]:
+    """The sites where an affine prediction is worth its cost in a trimmed model.
+
+    Where every consumer is linear in the site, the prediction folds into their weights for
+    free. Elsewhere it is computed, ``len(K)`` MACs per position for each trimmed channel,
+    at most ``channels``; the site qualifies when that is at most ``share`` of the MACs per
+    position of the filter trimmed (a ResNet block's output qualifies: 64 against 576; a
+    MobileNet expansion feeding a depthwise convolution does not: 96 against 16).
+    """
+    from velcro.graph import find_sites, site_nodes, trace
+
+    gm = trace(model)
+    sites = find_sites(gm)
+    nodes = site_nodes(gm, sites)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    chosen = set()
+    for site in sites:
+        node = nodes[site.name]
+        try:
+            producer = gm.get_submodule(site.producer)
+        except AttributeError:  # a functional producer: its filters' cost is unknown
+            producer = None
+        weight = getattr(producer, "weight", None)
+        ndim = weight.dim() if isinstance(producer, ops.CONV_MODULES) else 2
+        axis = 1 if site.channel_axis == 0 else ndim - 1
+        folds = all(_linear_consumer(gm, user, node, axis, ndim, calls) is not None
+                    for user in node.users)
+        if folds or (isinstance(weight, torch.Tensor)
+                     and weight.shape[0] <= share * weight[0].numel()):
+            chosen.add(site.name)
+    return chosen
