@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hostile import assert_refused, edit_json, edit_tensors
 from test_stats import chain_activations
 from zoo import build, images
 
@@ -185,26 +186,73 @@ def test_plans_save_and_load_with_their_coefficients(chain_case, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(velcro.apply(model, loaded)(x), velcro.apply(model, plan)(x))
     velcro.plan(stats, 0.4, granularity="channel").save(tmp_path / "m.json")
-    assert json.loads((tmp_path / "m.json").read_text())["format"] == "velcro.plan/1"
+    assert "ridge" not in json.loads((tmp_path / "m.json").read_text())
+    assert all(s.coefficients is None for s in velcro.Plan.load(tmp_path / "m.json").sites.values())
     inf = velcro.plan(stats, 0.4, granularity="channel", constant="affine", ridge=math.inf)
     inf.save(tmp_path / "i.json")
     assert velcro.Plan.load(tmp_path / "i.json").ridge == math.inf
 
 
-def test_corrupt_coefficients_are_refused(chain_case, tmp_path):
-    from safetensors.torch import load_file, save_file
-
+def test_corrupt_coefficients_and_fields_are_refused_naming_them(chain_case, tmp_path):
     _, _, stats, _ = chain_case
-    plan = velcro.plan(stats, 0.4, granularity="channel", constant="affine")
-    plan.save(tmp_path / "p.json")
-    tensors = load_file(str(tmp_path / "p.json.safetensors"))
+    path = tmp_path / "p.json"
     name = stats.names[0]
-    for bad in (tensors[f"coefficients/{name}"][:, :-1],
-                tensors[f"coefficients/{name}"] * float("nan")):
-        save_file({**tensors, f"coefficients/{name}": bad.contiguous()},
-                  str(tmp_path / "p.json.safetensors"), metadata={"format": "velcro.plan/2"})
-        with pytest.raises(VelcroError, match="affine coefficients"):
-            velcro.Plan.load(tmp_path / "p.json")
+    key = f"coefficients/{name}"
+
+    def own_column(tensors):
+        units = velcro.Plan.load(path).sites[name].units
+        tensors[key][0, units[0]] = 1.0
+
+    edits = {
+        "wrong shape": (lambda t: t.__setitem__(key, t[key][:, :-1].contiguous()), key),
+        "NaN": (lambda t: t[key].__setitem__((0, 0), float("nan")), key),
+        "a chosen channel predicts itself": (own_column, key),
+        "integers": (lambda t: t.__setitem__(key, t[key].long()), key),
+    }
+    for change, field in edits.values():
+        velcro.plan(stats, 0.4, granularity="channel", constant="affine").save(path)
+        edit_tensors(path, change)
+        assert_refused(lambda: velcro.Plan.load(path), path, field)
+    for change, field in ((lambda d: d.__setitem__("ridge", -1), "ridge"),
+                          (lambda d: d.__setitem__("ridge", "1e999"), "ridge"),
+                          (lambda d: d.__setitem__("constant", "map"), "constant")):
+        velcro.plan(stats, 0.4, granularity="channel", constant="affine").save(path)
+        edit_json(path, change)
+        assert_refused(lambda: velcro.Plan.load(path), path, field)
+    # coefficients in a plan that says mean maps: refused, never silently ignored
+    velcro.plan(stats, 0.4, granularity="channel").save(path)
+    extra = velcro.plan(stats, 0.4, granularity="channel", constant="affine")
+    edit_tensors(path, lambda t: t.__setitem__(key, extra.sites[name].coefficients))
+    assert_refused(lambda: velcro.Plan.load(path), path, "constant")
+
+
+def test_statistics_files_check_their_comoments(chain_case, tmp_path):
+    _, _, stats, _ = chain_case
+    path = tmp_path / "s.safetensors"
+    name = stats.names[0]
+    key = f"comoment/{name}"
+    stats.save(path)
+    loaded = velcro.Stats.load(path)
+    torch.testing.assert_close(loaded[name].comoment, stats[name].comoment, rtol=0, atol=0)
+    for change in (lambda t: t[key].__setitem__((0, 1), t[key][0, 1] + 1.0),  # asymmetric
+                   lambda t: t[key].__setitem__((0, 0), -1.0),
+                   lambda t: t.__setitem__(key, t[key][:-1].contiguous()),
+                   lambda t: t[key].__setitem__((1, 1), float("inf"))):
+        stats.save(path)
+        rewrite_safetensors(path, change)
+        assert_refused(lambda: velcro.Stats.load(path), path, key)
+
+
+def rewrite_safetensors(path, change):
+    """Edit the tensors of a safetensors file, keeping its metadata."""
+    from safetensors.torch import load, save
+
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + size]).get("__metadata__")
+    tensors = load(data)
+    change(tensors)
+    path.write_bytes(save(tensors, metadata=metadata))
 
 
 def test_affine_options_are_checked(chain_case):

@@ -24,7 +24,6 @@ the others predict best. With ``ridge = inf`` it is the plain variance ranking.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -183,17 +182,3 @@ def affine_constants(site: SiteStats, units: torch.Tensor,
     if not bool(beta.ne(0).any()):
         return offset, None
     return offset, beta.to(torch.float32)
-
-
-def check_coefficients(coefficients: torch.Tensor | None, units: int, channels: int,
-                       name: str, path: Path) -> None:
-    """Raise VelcroError unless a loaded site plan's coefficients fit its units and channels."""
-    if coefficients is None:
-        return
-    expected = (units, channels)
-    if (tuple(coefficients.shape) != expected or not coefficients.is_floating_point()
-            or not bool(torch.isfinite(coefficients).all())):
-        raise VelcroError(
-            f"plan '{path}' has affine coefficients of shape {tuple(coefficients.shape)} at "
-            f"site '{name}' where {expected} finite values belong; save the plan again"
-        )

@@ -155,6 +155,19 @@ def _labelled(item) -> tuple[torch.Tensor, torch.Tensor]:
     return item[0], torch.as_tensor(item[1])
 
 
+def _check_finite(values: object, batch: int, seen: int, problem: str, fix: str) -> None:
+    """Refuse a batch (images or logits) holding NaN or Inf: top-1 of such a batch is
+    meaningless, and a NaN can turn accuracy from 0% to 100% without a word."""
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point() or not values.dim():
+        return
+    finite = torch.isfinite(values)
+    bad = ~(finite.flatten(1).all(1) if finite.dim() > 1 else finite)
+    if bool(bad.any()):
+        image = int(bad.nonzero()[0])
+        raise VelcroError(f"evaluation batch {batch}, image {image} of the batch (image "
+                          f"{seen + image} of the data), {problem}; {fix}")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Iterable, *, max_images: int | None = None,
             progress: bool = True, desc: str = "evaluate"):
@@ -167,13 +180,17 @@ def predict(model: nn.Module, data: Iterable, *, max_images: int | None = None,
                file=sys.stderr, leave=False)
     try:
         with bar:
-            for item in data:
+            for batch, item in enumerate(data):
                 images, labels = _labelled(item)
                 if max_images is not None:
                     if seen >= max_images:
                         break
                     images, labels = images[: max_images - seen], labels[: max_images - seen]
+                _check_finite(images, batch, seen, "holds non-finite pixel values (NaN or Inf)",
+                              "check the images and their preprocessing")
                 logits = model(images.to(device, non_blocking=True))
+                _check_finite(logits, batch, seen, "gets non-finite outputs (NaN or Inf) from the "
+                              "model", "check the model's weights and the plan applied to it")
                 seen += images.shape[0]
                 bar.update(images.shape[0])
                 yield logits.float().cpu(), labels.cpu()

@@ -10,23 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from velcro._affine import (
     affine_constants,
     check_affine_options,
-    check_coefficients,
     residual_scores,
 )
-from velcro._io import atomic_path, write_text_atomic
+from velcro._plan_file import FORMAT, read_plan_file
+from velcro._validate import write_pair
 from velcro.errors import VelcroError
 from velcro.stats import SiteStats, Stats
 
-FORMAT = "velcro.plan/1"
-# Plans with affine constants: a reader that knew only FORMAT would take their offsets for
-# the constants and ignore the coefficients, so they carry a format it refuses.
-FORMAT_AFFINE = "velcro.plan/2"
 GRANULARITIES = ("element", "channel")
 SCORES = ("variance", "relative", "residual")
 CONSTANTS = ("map", "scalar", "affine")
@@ -148,7 +142,9 @@ class Plan:
         """Write ``path`` (JSON a person can read) and ``path`` + ``.safetensors`` beside it.
 
         Channel plans list their chosen channels in the JSON; element plans list counts only
-        (the indices are in the tensor file). Both files are written atomically.
+        (the indices are in the tensor file). The JSON records the SHA-256 of the tensor
+        file (``tensors_sha256``), so that a JSON and tensors of different saves never load
+        as one plan; both files are written to temporary names and renamed once complete.
         """
         path = Path(path)
         tensors = {}
@@ -161,81 +157,39 @@ class Plan:
             row["channel_axis"] = site.channel_axis
             if self.granularity == "channel":
                 row["channels"] = site.units.tolist()
-        affine = any(site.coefficients is not None for site in self.sites.values())
         document = {
-            "format": FORMAT_AFFINE if affine else FORMAT,
+            "format": FORMAT,
             "granularity": self.granularity,
             "score": self.score,
             "constant": self.constant_kind,
             "saving_ratio": self.saving_ratio,
             "structure": self.structure,
             "weights": self.weights,
-            "tensors": _tensor_file(path).name,
             "info": self.info,
             "sites": rows,
         }
         if self.ridge is not None:
             document["ridge"] = str(self.ridge) if math.isinf(self.ridge) else self.ridge
-        with atomic_path(_tensor_file(path)) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": document["format"]})
-        write_text_atomic(path, _readable_json(document))
+        write_pair(path, tensors, {"format": FORMAT}, document, _readable_json)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Read a plan written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise VelcroError(f"plan file '{path}' does not exist; make one with `velcro compress`")
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            if document.get("format") not in (FORMAT, FORMAT_AFFINE):
-                raise ValueError
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            raise VelcroError(
-                f"'{path}' is not a velcro plan (JSON with format '{FORMAT}'); "
-                "make one with `velcro compress`"
-            ) from None
-        tensor_path = path.parent / document.get("tensors", _tensor_file(path).name)
-        try:
-            tensors = load_file(str(tensor_path))
-        except (SafetensorError, OSError, ValueError):
-            raise VelcroError(
-                f"plan tensors '{tensor_path}' are missing or unreadable; keep the "
-                ".safetensors file beside the plan's JSON"
-            ) from None
-        sites = {}
-        try:
-            for row in document["sites"]:
-                name = row["site"]
-                sites[name] = SitePlan(
-                    float(row["threshold"]), tensors[f"units/{name}"],
-                    tensors[f"constant/{name}"], tuple(row["shape"]),
-                    int(row.get("channel_axis", 0)), tensors.get(f"coefficients/{name}"),
-                )
-                check_coefficients(sites[name].coefficients, sites[name].units.numel(),
-                                   sites[name].channels, name, path)
-        except KeyError as exc:
-            raise VelcroError(
-                f"plan '{path}' and its tensors '{tensor_path}' disagree (missing {exc}); "
-                "save the plan again"
-            ) from None
-        ridge = document.get("ridge")
-        return cls(document["granularity"], sites, document["structure"], document["weights"],
-                   document.get("score", "variance"), document.get("constant", "map"),
-                   document.get("info", {}), None if ridge is None else float(ridge))
+        """Read a plan written by :meth:`save`, validating every field (see
+        :mod:`velcro._plan_file`); a tensor file from another save is refused."""
+        content = read_plan_file(path, granularities=GRANULARITIES, scores=SCORES,
+                                 constants=CONSTANTS)
+        sites = {name: SitePlan(threshold, units, constant, shape, axis, coefficients)
+                 for name, threshold, units, constant, shape, axis, coefficients
+                 in content["sites"]}
+        return cls(content["granularity"], sites, content["structure"], content["weights"],
+                   content["score"], content["constant"], content["info"], content["ridge"])
 
 
 def _readable_json(document: dict) -> str:
     """Indented JSON with one line per site row, so a plan reads as a table."""
-    rows = document.pop("sites")
-    head = json.dumps(document, indent=1)[:-2]
-    body = ",\n  ".join(json.dumps(row) for row in rows)
-    document["sites"] = rows
+    head = json.dumps({k: v for k, v in document.items() if k != "sites"}, indent=1)[:-2]
+    body = ",\n  ".join(json.dumps(row) for row in document["sites"])
     return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'
-
-
-def _tensor_file(path: Path) -> Path:
-    return path.with_name(path.name + ".safetensors")
 
 
 def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str, float]:

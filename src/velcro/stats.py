@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from velcro._io import atomic_path
 from velcro._moments import merge_comoment, update_comoment, update_moments
+from velcro._stats_file import FORMAT, read_stats_file
 from velcro.errors import VelcroError
-
-FORMAT = "velcro.stats/1"
 
 
 @dataclass
@@ -230,47 +227,9 @@ class Stats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
-        """Read statistics written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise VelcroError(f"statistics file '{path}' does not exist; run `velcro calibrate`")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise VelcroError(
-                f"'{path}' is not a velcro statistics file ({_first_line(exc)}); "
-                "make one with `velcro calibrate`"
-            ) from None
-        try:
-            meta = json.loads(header["velcro"])
-            if meta.get("format") != FORMAT:
-                raise KeyError("format")
-            sites = {
-                m["name"]: SiteStats(
-                    int(m["count"]), tensors[f"mean/{m['name']}"], tensors[f"m2/{m['name']}"],
-                    int(m.get("channel_axis", 0)),
-                    tensors[f"comoment/{m['name']}"] if m.get("covariance") else None,
-                )
-                for m in meta["sites"]
-            }
-            for site in sites.values():
-                if site.comoment is not None and (
-                        site.comoment.shape != (site.channels, site.channels)
-                        or site.comoment.dtype != torch.float64):
-                    raise ValueError("comoment")
-        except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError):
-            raise VelcroError(
-                f"'{path}' is a safetensors file but not velcro statistics "
-                f"(no '{FORMAT}' metadata); make one with `velcro calibrate`"
-            ) from None
-        return cls(sites, meta["structure"], meta["weights"], meta.get("info", {}))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
+        """Read statistics written by :meth:`save`, validating every field (see
+        :mod:`velcro._stats_file`): non-finite or negative moments are refused."""
+        content = read_stats_file(path)
+        sites = {name: SiteStats(count, mean, m2, axis, comoment)
+                 for name, count, mean, m2, axis, comoment in content["sites"]}
+        return cls(sites, content["structure"], content["weights"], content["info"])

@@ -254,7 +254,8 @@ def test_nan_in_activations_leaves_the_earlier_result_alone(ws, cli, out, tmp_pa
     save_file({k: v.contiguous() for k, v in state.items()}, str(poisoned))
     args = list(calibrate_args(ws, ws.data, out))
     args[args.index("--weights") + 1] = poisoned
-    assert_fails(cli, *args, names=["relu1", "NaN or inf"], untouched=out)
+    # non-finite weights are refused where they enter, naming the file and the first key
+    assert_fails(cli, *args, names=[poisoned, "conv1.weight", "NaN or infinite"], untouched=out)
 
 
 def test_a_real_process_exits_2_with_one_line(ws, tmp_path):

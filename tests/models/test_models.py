@@ -338,3 +338,21 @@ def test_fx_trace_gives_identical_outputs(filled, x, name):
         assert calls[("call_function", F.relu)] == 57  # functional ReLU in BasicConv2d
         assert calls[("call_function", torch.cat)] == 9 + (name != "googlenet")
         assert not any(str(t).startswith("aux") for (_, t) in calls)
+
+
+def test_files_without_batch_norm_counters_load(tmp_path):
+    # checkpoints saved before PyTorch 0.4.1 have no num_batches_tracked; the rest must match
+    sd = {k: v for k, v in models.resnet18().state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "legacy.pt")
+    model = models.resnet18()
+    model.bn1.num_batches_tracked.fill_(5)
+    models.load_weights(model, tmp_path / "legacy.pt")
+    assert int(model.bn1.num_batches_tracked) == 5  # kept, as load_state_dict keeps it
+    assert torch.equal(model.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
+    del sd["bn1.running_mean"]
+    torch.save(sd, tmp_path / "legacy.pt")
+    with pytest.raises(VelcroError) as exc:
+        models.load_weights(models.resnet18(), tmp_path / "legacy.pt")
+    message = assert_one_line(exc, "missing keys bn1.running_mean")
+    assert "num_batches_tracked" not in message

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -72,13 +71,12 @@ def parse_thresholds(text: str, names: list[str]) -> dict[str, float]:
     text = text.strip()
     path = Path(text)
     if text.endswith(".json") or path.is_file():
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise VelcroError(f"--thresholds: file '{path}' does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise VelcroError(f"--thresholds: '{path}' is not JSON ({type(exc).__name__}); "
-                              "give a mapping site name -> fraction") from None
+        from velcro._validate import Fields, read_json
+
+        if not path.exists():
+            raise VelcroError(f"--thresholds: file '{path}' does not exist")
+        value = read_json(path, Fields(path, "--thresholds file", "give a mapping site name "
+                                       "-> fraction"))
         if isinstance(value, dict) and isinstance(value.get("thresholds"), (dict, list)):
             value = value["thresholds"]  # e.g. a search result
         if not isinstance(value, (dict, list, int, float)) or isinstance(value, bool):

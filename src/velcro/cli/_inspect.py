@@ -46,10 +46,10 @@ def _kind(path: Path) -> tuple[str, object]:
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head.lstrip().startswith(b"{"):
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise VelcroError(f"'{path}' looks like JSON but does not parse") from None
+        from velcro._validate import Fields, read_json
+
+        document = read_json(path, Fields(path, "file", "give a velcro plan, split, trimmed "
+                                          "model or results file"))
         fmt = document.get("format", "") if isinstance(document, dict) else ""
         for kind in ("plan", "split", "trimmed"):
             if fmt.startswith(f"velcro.{kind}/"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from velcro.cli import _common as common
@@ -39,18 +38,9 @@ def add_parser(subparsers) -> None:
 
 
 def _read_run(path: str) -> dict:
-    try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VelcroError(f"--run '{path}' does not exist; give a NAME.search.json from "
-                          "`velcro search`") from None
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise VelcroError(f"--run '{path}' is not JSON; give a NAME.search.json from "
-                          "`velcro search`") from None
-    if not isinstance(document, dict) or "trajectory" not in document:
-        raise VelcroError(f"--run '{path}' is not a search summary; give a NAME.search.json "
-                          "from `velcro search`")
-    return document
+    from velcro.report._inputs import read_search_summary
+
+    return read_search_summary(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,15 +13,17 @@ import os
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import numpy as np
 
 from velcro._io import write_text_atomic
+from velcro._validate import MAX_SPLIT_BYTES, Fields, read_json, show
 from velcro.errors import VelcroError
 
 FORMAT = "velcro.split/1"
+MAX_SETS = 64
 DEFAULT_FRACTIONS: dict[str, float | None] = {"calibration": 0.02, "validation": None}
 
 T = TypeVar("T")
@@ -200,24 +202,59 @@ class Split:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Split:
-        """Read a split written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise VelcroError(
-                f"split file '{path}' does not exist; `velcro calibrate` writes one"
-            )
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(document, dict) or document.get("format") != FORMAT:
-                raise ValueError
-            sets = {
-                str(name): [(str(p), int(label)) for p, label in items]
-                for name, items in document["sets"].items()
-            }
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise VelcroError(
-                f"'{path}' is not a velcro split (JSON with format '{FORMAT}'); "
-                "`velcro calibrate` writes one"
-            ) from None
-        return cls(sets, str(document.get("root", "")), int(document.get("seed", 0)),
-                   dict(document.get("fractions", {})), dict(document.get("info", {})))
+        """Read a split written by :meth:`save`, validating every field.
+
+        Refused with a :class:`VelcroError` naming the file and the field: a missing or
+        mistyped field, a path that is absolute or leaves the root (``..``), a negative or
+        non-integer label, an image listed twice or in two sets, counts that disagree with
+        the sets, fractions outside [0, 1).
+        """
+        fields = Fields(path, "split", "`velcro calibrate` writes one")
+        if not Path(path).is_file():
+            raise fields.error("", "does not exist")
+        document = fields.document(read_json(path, fields, MAX_SPLIT_BYTES), (FORMAT,))
+        sets_field = fields.dict(document, "sets")
+        if len(sets_field) > MAX_SETS:
+            raise fields.error("sets", f"has {len(sets_field)} sets, more than {MAX_SETS}")
+        owner: dict[str, str] = {}
+        sets = {}
+        for name, items in sets_field.items():
+            where = f"sets.{name}"
+            if not isinstance(items, list):
+                raise fields.error(where, f"must be a list of [path, label], not {show(items)}")
+            sets[name] = [_item(item, f"{where}[{i}]", fields) for i, item in enumerate(items)]
+            for i, (image, _) in enumerate(sets[name]):
+                if image in owner:
+                    other = owner[image]
+                    raise fields.error(f"{where}[{i}]", f"lists {image!r}, already in set "
+                                       f"{other!r}" + ("" if other == name else
+                                                       " (sets must be disjoint)"))
+                owner[image] = name
+        counts = fields.dict(document, "counts", default={})
+        for name, value in counts.items():
+            if name not in sets or value != len(sets[name]):
+                raise fields.error(f"counts.{name}", f"is {show(value)}, but the set lists "
+                                   f"{len(sets.get(name, []))} images")
+        fractions = fields.dict(document, "fractions", default={})
+        for name in fractions:
+            fields.optional(fields.number, fractions, name, "fractions", low=0.0, high=1.0)
+        return cls(sets, fields.string(document, "root", default="", max_len=4096),
+                   fields.integer(document, "seed", default=0, low=0, high=2**63 - 1),
+                   dict(fractions), fields.dict(document, "info", default={}))
+
+
+def _item(item: object, where: str, fields: Fields) -> tuple[str, int]:
+    """One ``[relative path, label]`` entry of a set."""
+    if not isinstance(item, list) or len(item) != 2:
+        raise fields.error(where, f"must be [path, label], not {show(item)}")
+    image, label = item
+    if not isinstance(image, str) or not image or len(image) > 4096 or "\x00" in image:
+        raise fields.error(where, f"must start with a relative path, not {show(image)}")
+    parts = PurePosixPath(image).parts
+    if PurePosixPath(image).is_absolute() or ".." in parts or image.startswith("\\"):
+        raise fields.error(where, f"names {image!r}, outside the split's root (paths are "
+                           "relative to it)")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 2**31:
+        raise fields.error(where, f"has label {show(label)}, not a class index (an integer "
+                           ">= 0)")
+    return image, label

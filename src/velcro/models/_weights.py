@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from velcro._validate import Fields, check_finite
 from velcro.errors import VelcroError
 
 __all__ = ["load_weights", "read_state_dict"]
@@ -54,7 +55,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         The state dict (tensors on the CPU).
 
     Raises:
-        VelcroError: the file is missing, unreadable, holds pickled code or holds no state dict.
+        VelcroError: the file is missing, unreadable, holds pickled code or holds no state dict,
+            or a floating-point tensor holds NaN or Inf (the message names the first key).
 
     Example:
         >>> torch.save(torch.nn.Linear(2, 3).state_dict(), "lin.pt")
@@ -108,6 +110,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"{p} is not a state dict: entries {', '.join(bad[:_SHOW])} are not named tensors; "
             f"{_RESAVE}"
         )
+    fields = Fields(p, "weights file", "use weights from a model whose training did not "
+                    "diverge (every floating-point value finite)")
+    for key, tensor in obj.items():
+        check_finite(tensor, fields, key)
     prefix = "module."
     return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in obj.items()}
 
@@ -117,6 +123,16 @@ def _ignored_keys(model: nn.Module, key: str) -> bool:
     lists ``aux1.`` and ``aux2.`` in ``ignored_weight_prefixes``)."""
     prefixes = tuple(getattr(model, "ignored_weight_prefixes", ()))
     return bool(prefixes) and key.startswith(prefixes)
+
+
+def _legacy_counter(model: nn.Module, key: str) -> bool:
+    """A batch-norm ``num_batches_tracked`` counter, which files saved before PyTorch 0.4.1
+    lack (the CIFAR ResNet checkpoints); ``load_state_dict`` keeps the model's own then."""
+    owner, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    module = model.get_submodule(owner) if owner else model
+    return isinstance(module, nn.modules.batchnorm._NormBase)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -136,7 +152,9 @@ def load_weights(
     PyTorch files are read with ``torch.load(weights_only=True)``: a file holding pickled code
     is refused, never run. A raw state dict is accepted, or a dict holding one under
     ``"state_dict"`` or ``"model"``; a leading ``"module."`` is stripped. A GoogLeNet built
-    with ``aux_logits=False`` ignores the file's ``aux1.*`` / ``aux2.*`` keys.
+    with ``aux_logits=False`` ignores the file's ``aux1.*`` / ``aux2.*`` keys. A file without
+    batch norm's ``num_batches_tracked`` counters (saved before PyTorch 0.4.1) loads, and the
+    model keeps its counters, as ``load_state_dict`` does.
 
     Args:
         model: the model to fill (in place).
@@ -161,7 +179,7 @@ def load_weights(
     own = model.state_dict()
     arch = type(model).__name__
 
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not _legacy_counter(model, k)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
 

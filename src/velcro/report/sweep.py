@@ -182,20 +182,12 @@ class Sweep:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Sweep:
-        """Read ``points.json`` (or a folder holding it) written by :meth:`save`."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "points.json"
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            if document.get("format") != FORMAT:
-                raise ValueError
-        except FileNotFoundError:
-            raise VelcroError(f"sweep file '{path}' does not exist; run `velcro sweep`") from None
-        except (OSError, ValueError, AttributeError):
-            raise VelcroError(f"'{path}' is not a velcro sweep (points.json from "
-                              "`velcro sweep`)") from None
-        return cls(document["points"], document.get("info", {}))
+        """Read ``points.json`` (or a folder holding it) written by :meth:`save`; every
+        point's fields are checked (see :mod:`velcro.report._inputs`)."""
+        from velcro.report._inputs import read_sweep_file
+
+        points, info = read_sweep_file(path)
+        return cls(points, info)
 
 
 def _slug(text: str) -> str:

@@ -55,7 +55,7 @@ WITH_MAP = {nn.Conv1d: Conv1dWithMap, nn.Conv2d: Conv2dWithMap, nn.Conv3d: Conv3
 
 def _ranges(index: torch.Tensor) -> tuple[int, int] | None:
     """(start, length) when ``index`` is a run of consecutive integers, else None."""
-    if index.numel() == 0:
+    if index.numel() == 0 or index.is_meta:  # meta: built by a loader, found once loaded
         return None
     start = int(index[0])
     if torch.equal(index, torch.arange(start, start + index.numel(), dtype=index.dtype)):
