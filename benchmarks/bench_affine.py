@@ -5,8 +5,9 @@ site's kept channels (a ridge regression fitted on the calibration images; see
 ``velcro._affine``). For each model, task, split seed and calibration-set size:
 
 - ``mean``: ``velcro.search(constant="map")``, channels ranked by variance (S-VELCRO);
-- ``affine-only``: ``velcro.search(constant="affine", ridge="site")``: the same search with the
-  predictions (per-site ridges chosen by their error on the search images);
+- ``affine-only``: ``velcro.search(constant="affine", ridge="site", start=<the mean search's
+  thresholds>)``: the same search with the predictions (per-site ridges chosen by their error
+  on the search images), starting where the mean search ended;
 - ``affine``: what ``velcro.search(constant="affine")`` returns: the better of the two above
   on the search split (so never below the mean there), computed here from both runs;
 - ``affine-residual``: ``affine-only`` with channels ranked by residual variance.
@@ -154,9 +155,11 @@ def run_case(case: dict, methods: list[str], schedule: SearchSchedule) -> list[d
     rows, results = [], {}
     for method in methods:
         began = time.perf_counter()
+        options = dict(METHODS[method])
+        if options["constant"] == "affine" and "mean" in results:
+            options["start"] = results["mean"].thresholds  # as search(constant="affine")
         result = search(model, stats, case["search"], granularity="channel",
-                        objective="macs", schedule=schedule, progress=False,
-                        **METHODS[method])
+                        objective="macs", schedule=schedule, progress=False, **options)
         results[method] = result
         rows.append({"method": method, "objective": result.objective_value,
                      "saving_ratio": result.saving_ratio, "evaluations": result.evaluations,

@@ -56,9 +56,12 @@ class AffineReplace(nn.Module):
         self.register_buffer("coefficients", coefficients.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixed = torch.matmul(x.movedim(self.axis, -1), self.coefficients.to(x.dtype).T)
-        predicted = mixed.movedim(-1, self.axis) + self.offset.to(x.dtype)
-        return x.index_copy(self.axis, self.units, predicted)
+        coefficients = self.coefficients.to(x.dtype)
+        if self.axis == x.dim() - 1:  # channels last (after a linear layer)
+            mixed = x @ coefficients.T
+        else:  # channels ahead of the positions (after a convolution)
+            mixed = torch.einsum("rc,nc...->nr...", coefficients, x)
+        return x.index_copy(self.axis, self.units, mixed + self.offset.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"predicted={self.units.numel()}/{self.coefficients.shape[1]}"

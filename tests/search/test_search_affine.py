@@ -80,6 +80,15 @@ def test_the_ridge_is_chosen_on_the_search_split_and_never_saves_less_than_the_m
                                                    progress=False).accuracy
 
 
+def test_a_search_goes_on_from_its_start(task):
+    mean = run(task, constant="map")
+    started = run(task, constant="map", start=mean.thresholds)
+    first = started.trajectory[1]
+    assert first["phase"] == "start" and first["thresholds"] == pytest.approx(
+        [mean.thresholds[n] for n in task["stats"].names], abs=1e-6)
+    assert first["feasible"] and started.objective_value >= mean.objective_value
+
+
 def test_the_evaluator_computes_the_affine_reference(task):
     model, stats, data = task["model"], task["stats"], task["search"]
     rankings = Rankings(stats, "channel", "residual", "affine", ridge=0.0)

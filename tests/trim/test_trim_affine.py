@@ -126,3 +126,21 @@ def test_saved_trimmed_affine_models_reload(tmp_path):
     x = correlated_images(shape, 4, seed=8)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["residual", "mlp"])
+def test_affine_models_export_to_onnx(tmp_path, name):
+    import onnxruntime
+
+    model, shape = build(name)
+    stats = velcro.calibrate(model, correlated_images(shape, 16), progress=False,
+                             covariance=True)
+    plan = affine_plan(stats, 0.5)
+    x = correlated_images(shape, 4, seed=3)[0]
+    for kind, module in (("apply", velcro.apply(model, plan)), ("trim", velcro.trim(model, plan))):
+        path = velcro.export_onnx(module, tmp_path / f"{kind}.onnx", x[:1])
+        session = onnxruntime.InferenceSession(str(path))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            expected = module(x)
+        assert float(abs(got - expected.numpy()).max()) <= 1e-4 * float(expected.abs().max())

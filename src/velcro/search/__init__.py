@@ -56,16 +56,20 @@ from tqdm.auto import tqdm
 
 from velcro._io import write_text_atomic
 from velcro.apply import apply
-from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
-from velcro.plan import DEFAULT_RIDGE, Plan
+from velcro.plan import Plan, Thresholds, resolve_thresholds
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._evaluator import CandidateEvaluator
-from velcro.search._ridge import RIDGES, SITE_RIDGES, choose_ridge
+from velcro.search._ridge import (
+    RIDGES,
+    choose_ridge,
+    make_rankings,
+    ridge_settings,
+    set_site_ridges,
+)
 from velcro.search._steps import Searcher
 from velcro.stats import Stats
-from velcro.trim._affine import affine_sites
 
 __all__ = ["SearchResult", "SearchSchedule", "filter_norm_score", "random_score", "search",
            "validate"]
@@ -199,6 +203,7 @@ def search(
     progress: bool = True,
     ridge: float | str | None = None,
     ridges: Sequence[float] = RIDGES,
+    start: Thresholds | None = None,
 ) -> SearchResult:
     """Per-site thresholds maximising ``objective`` with search accuracy within ``tolerance``.
 
@@ -217,24 +222,21 @@ def search(
             ``score(site_name, site_stats) -> per-channel scores`` (lowest replaced first),
             e.g. :func:`filter_norm_score` or :func:`random_score` for baselines.
         constant: ``map`` (the mean), ``scalar`` (per-channel scalar), ``zero`` (a
-            zero-pruning baseline) or ``affine`` (channels predicted from the kept ones:
-            statistics calibrated with ``covariance=True``; the prediction is used at the
-            sites where it folds into the consumers or costs little, see
-            ``velcro.trim._affine.affine_sites``; the others get mean maps).
+            zero-pruning baseline) or ``affine`` (channels predicted from the kept ones
+            where that folds or costs little, mean maps elsewhere; statistics calibrated
+            with ``covariance=True``; see ``velcro.search._ridge``).
         schedule: profile levels, uniform check and refinement (:class:`SearchSchedule`).
         task_classes: restrict the argmax to these classes (default: all, the papers').
         cache_mb: memory for cached activations (0: every run starts from the images).
         reuse: an earlier result on the same model, statistics, data and ranking; its
             evaluations are reused (a sweep over tolerances profiles once).
         progress: show a progress bar on stderr.
-        ridge: ``affine`` constants (and ``residual`` scores): the ridge strength, relative
-            to each kept channel's variance. None (the default): chosen per site on the
-            search split by the predictions' error there, ``inf`` (the mean map) included,
-            and the plan compared with a mean-map search: the one that saves more on the
-            search split is kept, so affine never saves less than mean maps there.
-            ``"grid"``: the whole search once per ridge of ``ridges``, the best kept. See
-            ``velcro.search._ridge``.
+        ridge: ``affine`` constants (and ``residual`` scores): the ridge strength. None:
+            chosen per site on the search split, and the result compared with a mean-map
+            search (never below it there); ``"grid"``: one search per ``ridges``.
         ridges: the grid of ``ridge="grid"``.
+        start: thresholds evaluated right after the baseline (e.g. another search's
+            ``thresholds``); when feasible, the search goes on from them.
 
     Returns:
         A :class:`SearchResult`.
@@ -262,19 +264,11 @@ def search(
                             cache_mb=cache_mb, reuse=reuse, progress=progress)
     stats.check_model(model)
     began = time.perf_counter()
-    per_site = constant == "affine" and ridge == "site"
-    ridge = DEFAULT_RIDGE if per_site or ridge is None else ridge
-    if isinstance(ridge, str):
-        raise VelcroError(f"ridge {ridge!r} is unknown; give a number, None or 'grid'")
-    rankings = Rankings(stats, granularity, score, constant, ridge,
-                        affine_sites(model) if constant == "affine" else None,
-                        SITE_RIDGES if per_site else ())
+    rankings = make_rankings(model, stats, granularity, score, constant, ridge)
     evaluator = CandidateEvaluator(model, rankings, data, task_classes=task_classes,
                                    cache_mb=cache_mb)
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
-    if per_site:  # the predictions' errors on the search images choose each site's ridge
-        rankings.set_heldout(calibrate(model, [x for x, _ in evaluator.batches],
-                                       progress=False, covariance=True))
+    set_site_ridges(rankings, model, evaluator.batches)
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
         memo = reuse.memo
@@ -284,6 +278,9 @@ def search(
                file=sys.stderr, leave=False)
     with bar:
         searcher = Searcher(evaluator, rankings, weights, tolerance, budget, memo, bar)
+        if start is not None:
+            chosen = resolve_thresholds(rankings.names, start)
+            searcher.measure(rankings.counts([chosen[n] for n in rankings.names]), "start")
         curves = (searcher.profile([i / levels for i in range(1, levels + 1)])
                   if schedule.profile else searcher.no_profile())
         searcher.bisect_path(searcher.capped_uniform_path(curves, levels), "capped-uniform")
@@ -301,8 +298,7 @@ def search(
             phases[row["phase"]] = phases.get(row["phase"], 0) + 1
     settings = {
         "score": rankings.score_name, "constant": constant, **schedule.to_dict(),
-        **({"ridge": "site" if per_site else str(ridge) if math.isinf(ridge) else ridge}
-           if constant == "affine" or rankings.score_name == "residual" else {}),
+        **ridge_settings(rankings),
         "budget": budget, "task_classes": list(task_classes) if task_classes else None,
         "cache_mb": cache_mb, "evaluations_per_phase": phases,
         # the share of graph nodes the evaluations ran, against running each one fully

@@ -6,9 +6,9 @@ Two ways, both measured on the search split only:
   number of trimmed channels, the ridge of ``SITE_RIDGES`` (``inf`` included: the mean map)
   whose prediction has the least squared error on the search images, read in closed form
   from their statistics (one calibration pass over the search split, see
-  ``velcro._affine.heldout_errors``); then the threshold search runs once with those
-  predictions, and once with mean maps, and the result that saves more on the search split
-  is kept (ties: the mean maps). With too few calibration images for the predictions to
+  ``velcro._affine.heldout_errors``). The threshold search runs with mean maps first, then
+  with those predictions starting where it ended, and the result that saves more on the
+  search split is kept (ties: the mean maps). With too few calibration images for the predictions to
   generalise, the sites fall back to their means, and the whole plan to mean maps if the
   predictions do not pay.
 - ``ridge="grid"``: the whole threshold search once per ridge of ``ridges`` (a log grid
@@ -22,7 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
+from velcro.plan import DEFAULT_RIDGE
+from velcro.search._candidates import Rankings
+from velcro.trim._affine import affine_sites
 
 RIDGES = (math.inf, 1.0, 0.1, 0.01)
 SITE_RIDGES = (math.inf, 10.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.001)
@@ -33,7 +37,9 @@ def choose_ridge(run: Callable, ridge: str | None, ridges: Sequence[float], **op
     with every trial in ``settings["ridge_trials"]`` and the evaluations and time of all of
     them counted."""
     if ridge is None:
-        trials = [({"constant": "map"}, "inf"), ({"ridge": "site"}, "site")]
+        trials = [({"constant": "map"}, "inf"), ({"ridge": "site"}, "site")]  # site: starts
+        # where the mean search ended (its channels are nearly always feasible with the
+        # predictions, which only reduce the error there) and goes on from there
     elif ridge == "grid":
         if not ridges:
             raise VelcroError("give at least one ridge to try (math.inf: the mean maps)")
@@ -42,6 +48,8 @@ def choose_ridge(run: Callable, ridge: str | None, ridges: Sequence[float], **op
         raise VelcroError(f"ridge {ridge!r} is unknown; give a number, None or 'grid'")
     best, rows, evaluations, seconds = None, [], 0, 0.0
     for overrides, label in trials:
+        if label == "site" and best is not None:
+            overrides = {**overrides, "start": best.thresholds}
         result = run(**{**options, **overrides})
         evaluations += result.evaluations
         seconds += result.wall_time_s
@@ -60,3 +68,30 @@ def choose_ridge(run: Callable, ridge: str | None, ridges: Sequence[float], **op
 
 def _readable(ridge: float) -> float | str:
     return "inf" if math.isinf(ridge) else ridge
+
+
+def make_rankings(model, stats, granularity: str, score, constant: str,
+                  ridge: float | str | None) -> Rankings:
+    """The search's rankings: affine predictions at the sites where they fold or cost little
+    (``velcro.trim._affine.affine_sites``), per-site ridges for ``ridge="site"``."""
+    per_site = constant == "affine" and ridge == "site"
+    fixed = DEFAULT_RIDGE if per_site or ridge is None else ridge
+    if isinstance(fixed, str):
+        raise VelcroError(f"ridge {ridge!r} is unknown; give a number, None or 'grid'")
+    return Rankings(stats, granularity, score, constant, fixed,
+                    affine_sites(model) if constant == "affine" else None,
+                    SITE_RIDGES if per_site else ())
+
+
+def set_site_ridges(rankings: Rankings, model, batches: list) -> None:
+    """Per-site ridges are chosen by the predictions' errors on the search images: their
+    statistics, one calibration pass (shared out like any calibration under torchrun)."""
+    if rankings.ridges:
+        rankings.set_heldout(calibrate(model, [x for x, _ in batches], progress=False,
+                                       covariance=True))
+
+
+def ridge_settings(rankings: Rankings) -> dict:
+    if rankings.constant != "affine" and rankings.score_name != "residual":
+        return {}
+    return {"ridge": "site" if rankings.ridges else _readable(rankings.ridge)}
