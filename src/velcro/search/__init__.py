@@ -58,7 +58,7 @@ from velcro._io import write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
-from velcro.plan import Plan, Thresholds, resolve_thresholds
+from velcro.plan import Plan, Thresholds
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._evaluator import CandidateEvaluator
 from velcro.search._ridge import (
@@ -66,6 +66,7 @@ from velcro.search._ridge import (
     choose_ridge,
     make_rankings,
     ridge_settings,
+    scaled_path,
     set_site_ridges,
 )
 from velcro.search._steps import Searcher
@@ -235,8 +236,8 @@ def search(
             chosen per site on the search split, and the result compared with a mean-map
             search (never below it there); ``"grid"``: one search per ``ridges``.
         ridges: the grid of ``ridge="grid"``.
-        start: thresholds evaluated right after the baseline (e.g. another search's
-            ``thresholds``); when feasible, the search goes on from them.
+        start: thresholds to begin from (e.g. another search's ``thresholds``): they and
+            their multiples up to 2x are bisected first, then the usual phases follow.
 
     Returns:
         A :class:`SearchResult`.
@@ -278,9 +279,8 @@ def search(
                file=sys.stderr, leave=False)
     with bar:
         searcher = Searcher(evaluator, rankings, weights, tolerance, budget, memo, bar)
-        if start is not None:
-            chosen = resolve_thresholds(rankings.names, start)
-            searcher.measure(rankings.counts([chosen[n] for n in rankings.names]), "start")
+        if start is not None:  # the start, then all its thresholds scaled up together
+            searcher.bisect_path(scaled_path(rankings, start), "start")
         curves = (searcher.profile([i / levels for i in range(1, levels + 1)])
                   if schedule.profile else searcher.no_profile())
         searcher.bisect_path(searcher.capped_uniform_path(curves, levels), "capped-uniform")

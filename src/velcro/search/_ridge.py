@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
-from velcro.plan import DEFAULT_RIDGE
+from velcro.plan import DEFAULT_RIDGE, Thresholds, resolve_thresholds
 from velcro.search._candidates import Rankings
 from velcro.trim._affine import affine_sites
 
@@ -95,3 +95,17 @@ def ridge_settings(rankings: Rankings) -> dict:
     if rankings.constant != "affine" and rankings.score_name != "residual":
         return {}
     return {"ridge": "site" if rankings.ridges else _readable(rankings.ridge)}
+
+
+def scaled_path(rankings: Rankings, start: Thresholds, steps: int = 8) -> list[tuple]:
+    """Unit counts from zero through ``start`` to ``start`` scaled by up to 2x (each site's
+    fraction times 1 + i / steps, at most 1): a path for ``Searcher.bisect_path``, which
+    evaluates ``start`` first when the far end fails. Sites the start leaves alone stay so."""
+    chosen = resolve_thresholds(rankings.names, start)
+    fractions = [chosen[name] for name in rankings.names]
+    path = [tuple(0 for _ in fractions)]
+    for i in range(steps + 1):
+        counts = rankings.counts([min(1.0, f * (1 + i / steps)) for f in fractions])
+        if counts != path[-1]:
+            path.append(counts)
+    return path
