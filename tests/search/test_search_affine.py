@@ -129,3 +129,14 @@ def test_predictions_go_where_they_fold_or_cost_little():
     assert "features.1.conv.0.2" in chosen and "features.2.conv.1.2" in chosen
     assert "features.2.conv.0.2" not in chosen
     assert len(chosen) < len(sites)
+
+
+def test_affine_searches_check_their_inputs_before_searching(task):
+    plain = velcro.calibrate(task["model"], task["calibration"], progress=False)
+    with pytest.raises(velcro.VelcroError, match="covariance=True"):
+        search(task["model"], plain, task["search"], granularity="channel", constant="affine",
+               progress=False)
+    with pytest.raises(velcro.VelcroError, match="channel plans"):
+        search(task["model"], task["stats"], task["search"], constant="affine", progress=False)
+    with pytest.raises(velcro.VelcroError, match="ridge 'wide'"):
+        run(task, constant="affine", ridge="wide")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from velcro.calibrate import calibrate
 from velcro.errors import VelcroError
-from velcro.plan import DEFAULT_RIDGE, Thresholds, resolve_thresholds
+from velcro.plan import DEFAULT_RIDGE, Thresholds, check_affine_options, resolve_thresholds
 from velcro.search._candidates import Rankings
 from velcro.trim._affine import affine_sites
 
@@ -36,6 +36,7 @@ def choose_ridge(run: Callable, ridge: str | None, ridges: Sequence[float], **op
     """The best of ``run(...)`` over the candidates of ``ridge`` (see the module docstring),
     with every trial in ``settings["ridge_trials"]`` and the evaluations and time of all of
     them counted."""
+    check_affine_options(options["stats"], options["granularity"], "", "affine", DEFAULT_RIDGE)
     if ridge is None:
         trials = [({"constant": "map"}, "inf"), ({"ridge": "site"}, "site")]  # site: starts
         # where the mean search ended (its channels are nearly always feasible with the
