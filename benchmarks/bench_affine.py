@@ -225,32 +225,56 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+KEYS = ("suite", "model", "task", "fraction", "seed")
+
+
+def paired(rows: list[dict], method: str) -> list[tuple[dict, dict]]:
+    """(row of ``method``, the mean search's row of the same case)."""
+    means = {tuple(r[k] for k in KEYS): r for r in rows if r["method"] == "mean"}
+    return [(r, means[tuple(r[k] for k in KEYS)]) for r in rows
+            if r["method"] == method and tuple(r[k] for k in KEYS) in means]
+
+
 def overall(rows: list[dict]) -> str:
     """Averages over every case: the headline figures."""
     lines = []
     for method in ("affine", "affine-only", "affine-residual"):
-        pairs = []
-        for row in rows:
-            if row["method"] != method:
-                continue
-            mean = next(r for r in rows if r["method"] == "mean" and all(
-                r[k] == row[k] for k in ("suite", "model", "task", "fraction", "seed")))
-            pairs.append((row["macs_saved"], mean["macs_saved"], row["heldout_delta"],
-                          mean["heldout_delta"], row["heldout_images"]))
-        if pairs:
-            ratio = statistics.mean(p[0] for p in pairs) / max(1e-12, statistics.mean(
-                p[1] for p in pairs))
-            extra_loss = statistics.mean(100 * (p[2] - p[3]) / p[4] for p in pairs)
-            lines.append(f"- {method}: {ratio:.2f}x the mean maps' MACs saved over {len(pairs)} "
-                         f"runs; held-out top-1 {extra_loss:+.2f} pp against the mean maps'")
-    equal = [(r, next(m for m in rows if m["method"] == "mean" and all(
-        m[k] == r[k] for k in ("suite", "model", "task", "fraction", "seed"))))
-        for r in rows if r["method"] == "affine@mean-channels"]
+        pairs = paired(rows, method)
+        if not pairs:
+            continue
+        ratio = (statistics.mean(a["macs_saved"] for a, _ in pairs)
+                 / max(1e-12, statistics.mean(m["macs_saved"] for _, m in pairs)))
+        per_run = statistics.median(a["macs_saved"] / max(1e-12, m["macs_saved"])
+                                    for a, m in pairs)
+        extra = statistics.mean(100 * (a["heldout_delta"] - m["heldout_delta"])
+                                / a["heldout_images"] for a, m in pairs)
+        no_worse = sum(a["heldout_delta"] >= m["heldout_delta"] for a, m in pairs)
+        lossless = (sum(a["heldout_delta"] >= 0 for a, _ in pairs),
+                    sum(m["heldout_delta"] >= 0 for _, m in pairs))
+        lines.append(
+            f"- {method}: {ratio:.2f}x the mean maps' MACs saved (ratio of the averages; "
+            f"median per-run ratio {per_run:.2f}x) over {len(pairs)} runs; held-out top-1 "
+            f"{extra:+.2f} pp against the mean maps' on average, no worse in {no_worse}/"
+            f"{len(pairs)} runs; no held-out loss in {lossless[0]} runs (mean maps: "
+            f"{lossless[1]})")
+    pairs = paired(rows, "affine")
+    for suite in sorted({a["suite"] for a, _ in pairs}):
+        cells = []
+        for fraction in sorted({a["fraction"] for a, _ in pairs if a["suite"] == suite}):
+            some = [(a, m) for a, m in pairs if (a["suite"], a["fraction"]) == (suite, fraction)]
+            ratio = (statistics.mean(a["macs_saved"] for a, _ in some)
+                     / max(1e-12, statistics.mean(m["macs_saved"] for _, m in some)))
+            cells.append(f"{100 * fraction:g}%: {ratio:.2f}x")
+        lines.append(f"- {suite}, affine / mean MACs saved by calibration size: "
+                     + ", ".join(cells))
+    equal = paired(rows, "affine@mean-channels")
     if equal:
         gain = statistics.mean(100 * (a["heldout_delta"] - m["heldout_delta"])
                                / a["heldout_images"] for a, m in equal)
-        lines.append(f"- at the mean search's channels, affine predictions change held-out "
-                     f"top-1 by {gain:+.2f} pp against the mean maps ({len(equal)} runs)")
+        macs = statistics.mean(a["macs_saved"] / max(1e-12, m["macs_saved"]) for a, m in equal)
+        lines.append(f"- at the mean search's channels (equal MACs up to the explicit "
+                     f"predictions: {macs:.3f}x), affine predictions change held-out top-1 by "
+                     f"{gain:+.2f} pp against the mean maps ({len(equal)} runs)")
     return "\n".join(lines)
 
 
