@@ -22,12 +22,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/velcro demo
 
+# Every bench with --quick: a short run that proves it works (a minute or two each; files go to
+# runs/bench/). The full runs and their figures: benchmarks/README.md and RESULTS.md.
 bench: $(STAMP)
 	$(PY) -m pip install -q "$(TORCH)" -e ".[dev,bench]"
-	# bench_affine's full suites take hours: make bench runs its one quick case
-	for b in benchmarks/bench_*.py; do echo "== $$b"; \
-		case $$b in *bench_affine.py) extra=--quick;; *) extra=;; esac; \
-		$(PY) $$b $$extra || exit 1; done
+	for b in benchmarks/bench_*.py; do echo "== $$b --quick"; $(PY) $$b --quick || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -4,7 +4,8 @@ Claims checked (issue 2): calibrating ResNet-18 at 224x224 on 256 images takes a
 1.15x the time of plain inference on the same images, and peak memory does not grow
 between 64 and 512 images.
 
-    .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 7]
+    .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 7]   # full, ~5 min
+    .venv/bin/python benchmarks/bench_calibrate.py --quick   # 64x64, 32 images: a check only
     .venv/bin/python benchmarks/bench_calibrate.py --covariance   # + channel co-moments
 
 ``--covariance`` times ``velcro.calibrate(..., covariance=True)`` (issue 13: the channel
@@ -31,7 +32,9 @@ import subprocess
 import sys
 import time
 
+import _bench
 import torch
+from tqdm.auto import tqdm
 
 import velcro
 
@@ -50,20 +53,20 @@ def generated_batches(images: int, size: int | None = None, seed: int = 0):
         yield torch.randn(min(BATCH, images - start), 3, size, size, generator=gen)
 
 
-def peak_memory_child(images: int) -> None:
+def peak_memory_child(images: int, size: int) -> None:
     model = make_model()
-    velcro.calibrate(model, generated_batches(images), progress=False,
+    velcro.calibrate(model, generated_batches(images, size), progress=False,
                      covariance=MODEL["covariance"])
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"images": images, "peak_rss_mib": peak_mib}))
 
 
-def time_it(images: int, repeats: int) -> tuple[list[float], list[float]]:
+def time_it(images: int, repeats: int, size: int) -> tuple[list[float], list[float]]:
     """Plain inference and calibration times, run P C P C ... C P: each calibration is
     compared with the mean of the plain runs on either side of it, which cancels a linear
     drift of the machine's speed (it drifts by 10-20% within seconds here)."""
     model = make_model()
-    batches = list(generated_batches(images))
+    batches = list(generated_batches(images, size))
     covariance = MODEL["covariance"]
     with torch.no_grad():
         model(batches[0])  # warm up kernels
@@ -77,7 +80,7 @@ def time_it(images: int, repeats: int) -> tuple[list[float], list[float]]:
         return time.perf_counter() - start
 
     plain, calib = [plain_run()], []
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="calibrate between plain runs", file=sys.stderr):
         start = time.perf_counter()
         velcro.calibrate(model, batches, progress=False, covariance=covariance)
         calib.append(time.perf_counter() - start)
@@ -93,14 +96,18 @@ def main() -> None:
     parser.add_argument("--covariance", action="store_true",
                         help="calibrate with covariance=True (the channel co-moments)")
     parser.add_argument("--model", default="resnet18", help="a built-in model name")
-    parser.add_argument("--size", type=int, default=224, help="input side in pixels")
+    parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    _bench.add_options(parser)
     args = parser.parse_args()
     MODEL.update(name=args.model, size=args.size, covariance=args.covariance)
     if args.child:
-        peak_memory_child(args.child)
+        peak_memory_child(args.child, args.size)
         return
-    plain, calib = time_it(args.images, args.repeats)
+    _bench.quick(args, images=32, repeats=2, memory_images="16,32", size=64)
+    _bench.started("bench_calibrate", args, f"calibration time against plain inference, "
+                   f"{args.model} at {args.size}x{args.size}, {args.images} images")
+    plain, calib = time_it(args.images, args.repeats, args.size)
     around = [(a + b) / 2 for a, b in zip(plain[:-1], plain[1:], strict=True)]  # either side
     ratios = [c / p for p, c in zip(around, calib, strict=True)]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -109,7 +116,7 @@ def main() -> None:
           f"{args.repeats} calibrations{' with covariance' if args.covariance else ''}, "
           "each between two plain inference runs\n")
     if args.covariance:
-        stats = velcro.calibrate(make_model(), generated_batches(2), progress=False,
+        stats = velcro.calibrate(make_model(), generated_batches(2, args.size), progress=False,
                                  covariance=True)
         comoments = sum(s.channels ** 2 * 8 for s in stats.sites.values())
         moments = sum(s.mean.numel() * 16 for s in stats.sites.values())

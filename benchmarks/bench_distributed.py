@@ -1,7 +1,8 @@
 """Calibration and evaluation wall time with 1 and 2 processes (torchrun, gloo, CPU).
 
     .venv/bin/python benchmarks/bench_distributed.py [--size 112] [--calibration-images 256]
-        [--evaluation-images 512] [--repeats 2] [--layouts 1x2,2x1]
+        [--evaluation-images 512] [--repeats 2] [--layouts 1x2,2x1]     # full run
+    .venv/bin/python benchmarks/bench_distributed.py --quick   # 32x32, 32/64 images: a check
 
 Each row launches ``torchrun --standalone --nproc-per-node P`` on this script with T threads
 per process (OMP_NUM_THREADS): the default layouts give the two cores of this machine to one
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,10 +117,14 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x2,2x1",
                         help="processes x threads per process, comma separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    _bench.add_options(parser)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
+    _bench.quick(args, size=32, calibration_images=32, evaluation_images=64, repeats=1)
+    _bench.started("bench_distributed", args, f"calibrate and evaluate under torchrun, layouts "
+                   f"{args.layouts} (processes x threads)")
 
     import velcro
 
@@ -128,6 +134,8 @@ def main() -> None:
             processes, threads = (int(n) for n in layout.lower().split("x"))
             out = Path(tmp) / layout
             out.mkdir()
+            _bench.say(f"  torchrun: {processes} process{'es' * (processes != 1)} x {threads} "
+                       f"thread{'s' * (threads != 1)} ...")
             row = launch(processes, threads, args, out)
             row["processes"] = processes
             row["stats"] = velcro.Stats.load(out / "stats.safetensors")

@@ -9,6 +9,7 @@ model (velcro.hardware) predicts throughput 1/(1-C) and energy linear in C.
     .venv/bin/python benchmarks/bench_hardware.py --plan PLAN.json --model NAME \\
         --weights FILE [--num-classes 10] [--input-size 32]
     .venv/bin/python benchmarks/bench_hardware.py --random-plan 0.3   # resnet18, random weights
+    .venv/bin/python benchmarks/bench_hardware.py --quick   # 16 channels, 3 rounds: a check
 
 Module part: for C = 0, 0.1, ..., 0.9, a random element mask of exactly C of the outputs;
 in each of --repeats rounds every C is timed right after a run at C = 0 ("C = 0" is the same
@@ -19,7 +20,8 @@ timed beside it (--clock cpu: CPU seconds instead of wall seconds). Every output
 against the dense result. Plan part: every conv site of the plan runs on the kernel with the
 inputs it sees inside velcro.apply(model, plan), timed against the same kernel with nothing
 compressed and against the dense layer; the hardware model prices the same layers. Writes
-Markdown tables to stdout and a PNG plot (Agg, --plot).
+Markdown tables to stdout and a PNG plot (Agg; runs/bench/bench_hardware/ by default, --plot
+FILE, or benchmarks/bench_hardware.png with --update-results).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import _bench
 import matplotlib
 
 matplotlib.use("Agg")
@@ -45,7 +48,6 @@ from velcro import hardware  # noqa: E402
 from velcro.hardware.kernels import SkippingConv, activation_function, conv_sites, layer_io  # noqa: E402
 
 FRACTIONS = [round(0.1 * i, 1) for i in range(10)]
-HERE = Path(__file__).resolve().parent
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -310,8 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=32, help="input side for the plan")
     parser.add_argument("--random-plan", type=float, default=None, metavar="T",
                         help="instead of --plan: resnet18 with random weights, threshold T")
-    parser.add_argument("--plot", default=str(HERE / "bench_hardware.png"))
+    parser.add_argument("--plot", default=None,
+                        help="the PNG to write (default: bench_hardware.png in the output "
+                             "folder, see --out and --update-results)")
+    _bench.add_options(parser)
     args = parser.parse_args(argv)
+    _bench.quick(args, channels=16, batch=1, repeats=3)
+    _bench.started("bench_hardware", args, f"skipping conv kernel, {args.channels} -> "
+                   f"{args.channels} channels, 64x64 maps, batch {args.batch}")
+    if args.plot is None:
+        args.plot = str(_bench.output_dir(args, "bench_hardware") / "bench_hardware.png")
     if args.plan and not args.model:
         parser.error("--plan needs --model (and usually --weights)")
     global clock

@@ -33,21 +33,30 @@ task's training images.
 
     .venv/bin/python benchmarks/bench_quality.py                       # 3 tasks x 3 seeds
     .venv/bin/python benchmarks/bench_quality.py --tasks 3,8 --seeds 0 --methods velcro,l1
+    .venv/bin/python benchmarks/bench_quality.py --quick   # a tiny model, one task: a check
 
-Prints Markdown tables; writes a PNG plot (--plot) and the raw rows as JSON (--json).
+Search settings (``--settings``): ``today`` is the search before issue 14 (top-1 point
+estimate on every search image, tolerance 0, no check), ``defaults`` is ``velcro.search``'s
+current defaults (criterion, paired confidence bound and nested check); with both, every
+velcro method runs under each on the same splits, and the issue-14 comparison is printed
+(held-out change within -0.5 points or a 95% interval that includes 0, and C kept).
+
+Prints Markdown tables; writes a PNG plot and the raw rows as JSON into runs/bench/bench_quality/
+(``--out DIR``; ``--update-results``: benchmarks/bench_quality[_split].png and .json, the
+tracked copies; ``--plot``/``--json`` name the files).
 Torch-Pruning is a benchmark-only dependency: ``pip install "torch==2.13.0" torch-pruning``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import _bench
 import torch
 from tqdm.auto import tqdm
 
@@ -55,9 +64,19 @@ import velcro
 from velcro.cost import cost
 from velcro.data import digits
 from velcro.demo import _parts as parts
-from velcro.demo._digits_model import trained_model
+from velcro.demo._digits_model import Recipe, trained_model
 from velcro.report import measure_costs
-from velcro.search import SearchSchedule, filter_norm_score, random_score, search
+from velcro.search import (
+    DEFAULTS,
+    UNGUARDED,
+    SearchSchedule,
+    filter_norm_score,
+    random_score,
+    search,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _protocol import holds, magnitude_pruned  # noqa: E402
 
 METHODS = {
     "velcro": "velcro channels, mean maps (S-VELCRO)",
@@ -71,11 +90,18 @@ METHODS = {
 }
 BASELINES = ("l1", "random", "torch-pruning", "torch-pruning-global")
 SCHEDULES = {"demo": SearchSchedule(levels=4, refine_rounds=1), "full": SearchSchedule()}
+SETTINGS = {"today": UNGUARDED, "defaults": DEFAULTS}
 
 
-def task_case(task: tuple[int, ...], seed: int, protocol: str, progress: bool) -> dict:
-    split = digits.load(seed=seed)
-    model = trained_model(split, seed=seed, progress=progress).model.eval()
+# --quick: a few hundred images for one epoch, enough to run every step (a weak model)
+QUICK_RECIPE = Recipe(epochs=1, train_images=512)
+
+
+def task_case(task: tuple[int, ...], seed: int, protocol: str, progress: bool,
+              recipe: Recipe | None = None) -> dict:
+    recipe = recipe or Recipe()
+    split = digits.load(seed=seed, size=recipe.size, test_fraction=recipe.test_fraction)
+    model = trained_model(split, seed=seed, recipe=recipe, progress=progress).model.eval()
     task_train = digits.select(split.train, task)
     search_index, calibration_index = digits.split_stratified(task_train.tensors[1], 0.2, seed)
     test = digits.select(split.test, task)
@@ -91,8 +117,16 @@ def correct(model: torch.nn.Module, data) -> int:
     return velcro.evaluate(model, data, progress=False).correct
 
 
+def held_out(model: torch.nn.Module, case: dict) -> dict:
+    """Held-out correct count and the paired change against the uncompressed model."""
+    report = velcro.evaluate(model, case["test"], progress=False)
+    paired = report.paired_difference(case["test_report"])
+    return {"test_correct": report.correct, "test_ci95": paired["ci95"],
+            "holds": holds(paired)}
+
+
 def velcro_method(name: str, case: dict, schedule: SearchSchedule, budget: int | None,
-                  seed: int) -> dict:
+                  seed: int, settings: str = "today") -> dict:
     model, example = case["model"], case["example"]
     granularity = "element" if name == "velcro-element" else "channel"
     score = {"l1": lambda: filter_norm_score(model), "random": lambda: random_score(seed)}.get(
@@ -101,7 +135,7 @@ def velcro_method(name: str, case: dict, schedule: SearchSchedule, budget: int |
     objective = "saving_ratio" if granularity == "element" else "macs"
     found = search(model, case["stats"], case["search"], granularity=granularity,
                    objective=objective, score=score, constant=constant, schedule=schedule,
-                   budget=budget, progress=False)
+                   budget=budget, progress=False, **SETTINGS[settings])
     row = {"saving_ratio": found.saving_ratio, "evaluations": found.evaluations,
            "search_seconds": found.wall_time_s, "search_accuracy": found.search_accuracy,
            "search_baseline": found.baseline_accuracy}
@@ -109,27 +143,13 @@ def velcro_method(name: str, case: dict, schedule: SearchSchedule, budget: int |
         costs = measure_costs(model, found.plan, example, latency=False)
         before, after = costs["original"], costs["compressed"]
         row.update(macs_saved=None, element_macs_saved=1 - after["macs"] / before["macs"],
-                   parameters_saved=0.0,
-                   test_correct=correct(velcro.apply(model, found.plan), case["test"]))
+                   parameters_saved=0.0, **held_out(velcro.apply(model, found.plan), case))
         return row
     small = velcro.trim(model, found.plan)
     saved = cost(model, example).reduction(cost(small, example))
     row.update(macs_saved=saved["macs"], parameters_saved=saved["parameters"],
-               test_correct=correct(small, case["test"]))
+               **held_out(small, case))
     return row
-
-
-def magnitude_pruned(model: torch.nn.Module, ratio: float, example: torch.Tensor,
-                     global_pruning: bool = False):
-    import torch_pruning as tp
-
-    pruned = copy.deepcopy(model).eval()
-    if ratio > 0:
-        pruner = tp.pruner.MagnitudePruner(
-            pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio, global_pruning=global_pruning, ignored_layers=[pruned.fc])
-        pruner.step()
-    return pruned.eval()
 
 
 def torch_pruning_method(case: dict, schedule: SearchSchedule, budget: int | None,
@@ -178,7 +198,7 @@ def torch_pruning_method(case: dict, schedule: SearchSchedule, budget: int | Non
             "search_seconds": time.perf_counter() - began,
             "search_baseline": baseline / case["search_images"],
             "search_accuracy": correct(pruned, data) / case["search_images"],
-            "test_correct": correct(pruned, case["test"])}
+            **held_out(pruned, case)}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -234,6 +254,36 @@ def summarise(rows: list[dict], methods: list[str], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def issue14(rows: list[dict]) -> str:
+    """Today's search against the defaults, same splits: how often the held-out change stays
+    within -0.5 points or its 95% interval includes 0, and the C kept."""
+    lines = ["| method | settings | C (mean ± sd) | held-out Δ top-1 (mean, worst) | holds |",
+             "|---|---|---:|---:|---:|"]
+    held, runs, kept = 0, 0, []
+    for method in ("velcro", "velcro-element"):
+        by = {name: [r for r in rows if r["method"] == method and r["settings"] == name]
+              for name in SETTINGS}
+        for name, chosen in by.items():
+            if chosen:
+                deltas = [r["test_delta"] for r in chosen]
+                lines.append(f"| {METHODS[method]} | {name} | "
+                             f"{mean_sd([r['saving_ratio'] for r in chosen])} | "
+                             f"{100 * statistics.mean(deltas):+.2f} pp, "
+                             f"{100 * min(deltas):+.2f} pp | "
+                             f"{sum(r['holds'] for r in chosen)}/{len(chosen)} |")
+        if by["today"] and by["defaults"]:
+            held += sum(r["holds"] for r in by["defaults"])
+            runs += len(by["defaults"])
+            today_c = statistics.mean(r["saving_ratio"] for r in by["today"])
+            kept.append(statistics.mean(r["saving_ratio"] for r in by["defaults"]) / today_c
+                        if today_c > 0 else float("nan"))
+    if runs:
+        lines += ["", f"Defaults hold in {held}/{runs} runs ({100 * held / runs:.0f}%; goal "
+                  ">= 90%) and keep " + ", ".join(f"{100 * k:.0f}%" for k in kept)
+                  + " of today's C (channel, element; goal >= 80%)."]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], methods: list[str], tasks: list[str], path: Path) -> None:
     import matplotlib
 
@@ -267,6 +317,20 @@ def plot(rows: list[dict], methods: list[str], tasks: list[str], path: Path) -> 
     plt.close(figure)
 
 
+def report(rows: list[dict], methods: list[str], tasks: list[str], plot_path: str | None):
+    """The tables per search setting, the issue-14 comparison and the plot (first setting)."""
+    names = list(dict.fromkeys(r.get("settings", "today") for r in rows))
+    for name in names:
+        chosen = [r for r in rows if r.get("settings", "today") == name]
+        print(f"\nSearch settings '{name}':\n\n{summarise(chosen, methods, tasks)}")
+    if len(names) > 1:
+        print(f"\nIssue 14, same splits:\n\n{issue14(rows)}")
+    if plot_path:
+        plot([r for r in rows if r.get("settings", "today") == names[0]], methods, tasks,
+             Path(plot_path))
+        print(f"\nplot: {plot_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="3,8;4,7,9;1,7",
@@ -276,47 +340,72 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--protocol", choices=("heldout", "split"), default="heldout")
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="demo")
+    parser.add_argument("--settings", default="today",
+                        help="comma-separated search settings: today (the search before issue "
+                             "14) and/or defaults (velcro.search's defaults)")
     parser.add_argument("--budget", type=int, default=None,
                         help="most evaluations per search (default: the schedule's)")
-    parser.add_argument("--plot", default="benchmarks/bench_quality.png")
-    parser.add_argument("--json", default=None, help="write the raw rows here")
+    parser.add_argument("--plot", default=None, help="the PNG (default: in the output folder)")
+    parser.add_argument("--json", default=None,
+                        help="the raw rows' JSON (default: in the output folder)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--from-json", default=None,
                         help="summarise and plot rows written earlier by --json, run nothing")
+    _bench.add_options(parser)
     args = parser.parse_args()
+    quick_methods = "velcro,velcro-element,l1"
+    try:
+        import torch_pruning  # noqa: F401  (a bench extra: quick runs it when present)
+
+        quick_methods += ",torch-pruning"
+    except ImportError:
+        pass
+    _bench.quick(args, tasks="3,8", seeds=[0], methods=quick_methods, budget=20)
+    _bench.started("bench_quality", args, f"MACs saved at no held-out loss, tasks {args.tasks}, "
+                   f"seeds {args.seeds}")
+    folder = _bench.output_dir(args, "bench_quality")
+    stem = "bench_quality" + ("_split" if args.protocol == "split" else "")
+    args.plot = args.plot or str(folder / f"{stem}.png")
+    args.json = args.json or str(folder / f"{stem}.json")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     tasks = [",".join(map(str, digits.parse_task(t))) for t in args.tasks.split(";")]
+    settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    if not settings or any(name not in SETTINGS for name in settings):
+        parser.error(f"--settings '{args.settings}': choose from {', '.join(SETTINGS)}")
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
         methods = [m for m in methods if any(r["method"] == m for r in rows)]
         tasks = list(dict.fromkeys(r["task"] for r in rows))
-        print(summarise(rows, methods, tasks))
-        if args.plot:
-            plot(rows, methods, tasks, Path(args.plot))
+        report(rows, methods, tasks, args.plot)
         return
     schedule = SCHEDULES[args.schedule]
     rows = []
     began = time.perf_counter()
-    bar = tqdm(total=len(tasks) * len(args.seeds) * len(methods), unit="run",
+    runs = [(method, name) for name in settings for method in methods
+            if name == settings[0] or not method.startswith("torch-pruning")]
+    bar = tqdm(total=len(tasks) * len(args.seeds) * len(runs), unit="run",
                desc="bench_quality", file=sys.stderr)
     with bar:
         for seed in args.seeds:
             for task in tasks:
                 torch.set_num_threads(args.threads)
-                case = task_case(digits.parse_task(task), seed, args.protocol, progress=True)
+                case = task_case(digits.parse_task(task), seed, args.protocol, progress=True,
+                                 recipe=QUICK_RECIPE if args.quick else None)
                 torch.set_num_threads(args.threads)
-                baseline_test = correct(case["model"], case["test"])
-                for method in methods:
-                    bar.set_postfix(seed=seed, task=task, method=method)
+                case["test_report"] = velcro.evaluate(case["model"], case["test"],
+                                                      progress=False)
+                baseline_test = case["test_report"].correct
+                for method, name in runs:
+                    bar.set_postfix(seed=seed, task=task, method=method, settings=name)
                     if method.startswith("torch-pruning"):
                         row = torch_pruning_method(case, schedule, args.budget,
                                                    global_pruning=method.endswith("global"))
                     else:
-                        row = velcro_method(method, case, schedule, args.budget, seed)
-                    row.update(method=method, task=task, seed=seed,
+                        row = velcro_method(method, case, schedule, args.budget, seed, name)
+                    row.update(method=method, task=task, seed=seed, settings=name,
                                test_images=case["test_images"],
                                test_delta=(row["test_correct"] - baseline_test)
                                / case["test_images"])
@@ -325,15 +414,13 @@ def main() -> None:
     print(f"\nResNet-18 on scikit-learn digits (32x32), tasks {'; '.join(tasks)}, seeds "
           f"{' '.join(map(str, args.seeds))}; protocol '{args.protocol}' (search on "
           f"{'the held-out test' if args.protocol == 'heldout' else 'the task training'} "
-          f"images, tolerance 0), schedule '{args.schedule}', budget "
+          f"images; settings {', '.join(settings)}), schedule '{args.schedule}', budget "
           f"{args.budget or 'the schedule'}; {torch.get_num_threads()} torch threads; "
           f"{time.perf_counter() - began:.0f} s in all.\n")
-    print(summarise(rows, methods, tasks))
-    if args.plot:
-        plot(rows, methods, tasks, Path(args.plot))
-        print(f"\nplot: {args.plot}")
+    report(rows, methods, tasks, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"raw rows: {args.json}")
 
 
 if __name__ == "__main__":

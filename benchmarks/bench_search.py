@@ -12,7 +12,8 @@ calibration / 80% search, its test images are the validation set. For each granu
 Each row: evaluations, wall time, the C found at no accuracy loss on the search split, and
 top-1 on the validation images (which neither method saw). Prints a Markdown table.
 
-    python benchmarks/bench_search.py --task 3,8
+    python benchmarks/bench_search.py --task 3,8          # full run
+    python benchmarks/bench_search.py --quick             # tiny model, coarse grid: a check
     python benchmarks/bench_search.py --model mypkg.models:factory --weights w.safetensors \\
         --data-module mypkg.data:loaders   # any model: loaders() -> (calib, search, val)
 """
@@ -21,22 +22,27 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import time
 
+import _bench
 import torch
+from tqdm.auto import tqdm
 
 import velcro
 from velcro.search import SearchSchedule, search
 
 
-def digits_task(task: str, seed: int):
-    """The demo's model and its calibration, search and validation loaders."""
+def digits_task(task: str, seed: int, quick: bool = False):
+    """The demo's model and its calibration, search and validation loaders (``quick``: a
+    model trained on 512 images for one epoch)."""
     from velcro.data import digits
     from velcro.demo import _parts as parts
-    from velcro.demo._digits_model import trained_model
+    from velcro.demo._digits_model import Recipe, trained_model
 
-    split = digits.load(seed=seed)
-    model = trained_model(split, seed=seed, progress=False).model.eval()
+    recipe = Recipe(epochs=1, train_images=512) if quick else Recipe()
+    split = digits.load(seed=seed, size=recipe.size, test_fraction=recipe.test_fraction)
+    model = trained_model(split, seed=seed, recipe=recipe, progress=True).model.eval()
     chosen = digits.parse_task(task)
     task_train = digits.select(split.train, chosen)
     search_index, calibration_index = digits.split_stratified(task_train.tensors[1], 0.2, seed)
@@ -100,35 +106,47 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (set again after calibration, whose numba kernel "
                              "may change the OpenMP thread count)")
+    _bench.add_options(parser)
     args = parser.parse_args()
+    _bench.quick(args, grid_step=0.25)
+    _bench.started("bench_search", args, "search evaluations and time against a uniform grid, "
+                   f"granularity {args.granularity}")
     torch.set_num_threads(args.threads)
     if args.model:
         model, calibration, search_data, validation, label = user_task(
             args.model, args.weights, args.data_module)
     else:
-        model, calibration, search_data, validation, label = digits_task(args.task, args.seed)
+        model, calibration, search_data, validation, label = digits_task(args.task, args.seed,
+                                                                         args.quick)
     stats = velcro.calibrate(model, calibration, progress=False)
     torch.set_num_threads(args.threads)
     images = sum(len(labels) for _, labels in search_data)
     sites = len(stats.names)
 
+    methods = {
+        f"uniform grid, step {args.grid_step:g}": lambda g: uniform_grid(
+            model, stats, search_data, validation, g, args.grid_step),
+        "search (default schedule)": lambda g: searched(model, stats, search_data, validation,
+                                                        g),
+        "search, activation cache off": lambda g: searched(model, stats, search_data,
+                                                           validation, g, cache_mb=0),
+        "search, no profile": lambda g: searched(model, stats, search_data, validation, g,
+                                                 schedule=SearchSchedule(profile=False)),
+        "search, demo schedule (4 levels, 1 round)": lambda g: searched(
+            model, stats, search_data, validation, g,
+            schedule=SearchSchedule(levels=4, refine_rounds=1)),
+    }
+    if args.quick:  # the grid and the demo's schedule only
+        methods = dict(list(methods.items())[::4])
     rows = []
-    for granularity in args.granularity.split(","):
-        runs = {
-            f"uniform grid, step {args.grid_step:g}": uniform_grid(
-                model, stats, search_data, validation, granularity, args.grid_step),
-            "search (default schedule)": searched(model, stats, search_data, validation,
-                                                  granularity),
-            "search, activation cache off": searched(model, stats, search_data, validation,
-                                                     granularity, cache_mb=0),
-            "search, no profile": searched(model, stats, search_data, validation, granularity,
-                                           schedule=SearchSchedule(profile=False)),
-            "search, demo schedule (4 levels, 1 round)": searched(
-                model, stats, search_data, validation, granularity,
-                schedule=SearchSchedule(levels=4, refine_rounds=1)),
-        }
-        for method, row in runs.items():
-            rows.append((granularity, method, row))
+    granularities = args.granularity.split(",")
+    with tqdm(total=len(granularities) * len(methods), unit="run", desc="bench_search",
+              file=sys.stderr) as bar:
+        for granularity in granularities:
+            for method, run in methods.items():
+                bar.set_postfix(granularity=granularity, method=method[:24])
+                rows.append((granularity, method, run(granularity)))
+                bar.update(1)
 
     print(f"\n{label}: {type(model).__name__}, {sites} sites, {images} search images, "
           f"{torch.get_num_threads()} torch threads, tolerance 0 (no loss on the search split)\n")

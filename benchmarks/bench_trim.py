@@ -21,6 +21,7 @@ unless ``--weights-dir`` holds ``<model>.safetensors``; timing does not depend o
 
     .venv/bin/python benchmarks/bench_trim.py                      # full table, ~5 min
     .venv/bin/python benchmarks/bench_trim.py --models resnet18 --batches 1 --repeats 5
+    .venv/bin/python benchmarks/bench_trim.py --quick   # resnet18 at 64x64, eager: a check
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _bench
 import torch
 import torch.nn as nn
 
@@ -183,12 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--weights-dir", type=Path, default=None)
+    _bench.add_options(parser)
     args = parser.parse_args(argv)
+    _bench.quick(args, models=["resnet18"], thresholds=[0.3], batches=[1], backends=["eager"],
+                 repeats=3, size=64)
+    _bench.started("bench_trim", args,
+                   f"trimmed against original latency, {', '.join(args.models)} at "
+                   f"{args.size}x{args.size}, batches {args.batches}, {', '.join(args.backends)}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
+            _bench.say(f"  {name}: calibrate, plan, trim, check against apply ...")
             rows.extend(bench_model(name, args, Path(folder)))
     print(f"velcro.trim speedups, {args.size}x{args.size}, {args.threads} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from velcro._globals import torch_threads_kept
+from velcro.errors import VelcroError
+
 try:  # numba is a declared dependency; the fallback keeps velcro usable without it
     import numba
     import numpy as np
@@ -45,6 +48,21 @@ if numba is not None:
                     block_m2[j] += delta * (value - block_mean[j])
 
 
+class ShapeChanged(VelcroError):
+    """A batch whose per-image shape differs from the images already counted."""
+
+    def __init__(self, before: tuple[int, ...], after: tuple[int, ...], count: int) -> None:
+        self.before, self.after, self.count = before, after, count
+        super().__init__(
+            f"activations of {_shape(after)} after {count} images of {_shape(before)}: "
+            "statistics are per element, so every image needs one size"
+        )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def fused_available() -> bool:
     return numba is not None
 
@@ -56,12 +74,18 @@ def update_moments(
 
     ``mean`` and ``m2`` are updated in place when they already have the batch's per-image
     shape, and returned either way. Returns ``(count, mean, m2)``.
+
+    Raises:
+        VelcroError: images already counted had another per-image shape (moments are per
+            element: there is no mean over images of two sizes).
     """
     images = batch.shape[0]
     if images == 0:
         return count, mean, m2
     shape = batch.shape[1:]
     if mean.shape != shape:
+        if count > 0:
+            raise ShapeChanged(tuple(mean.shape), tuple(shape), count)
         mean = torch.zeros(shape, dtype=torch.float64, device=batch.device)
         m2 = torch.zeros(shape, dtype=torch.float64, device=batch.device)
     if numba is not None and batch.device.type == "cpu" and mean.is_contiguous():
@@ -71,7 +95,8 @@ def update_moments(
         data = data.reshape(images, -1)
         if not data.is_contiguous():
             data = data.contiguous()
-        _welford_blocks(data.numpy(), count, mean.view(-1).numpy(), m2.view(-1).numpy())
+        with torch_threads_kept():  # numba's OpenMP start-up resets torch's thread count
+            _welford_blocks(data.numpy(), count, mean.view(-1).numpy(), m2.view(-1).numpy())
         return count + images, mean, m2
     data = batch.detach().to(torch.float64)
     batch_m2, batch_mean = torch.var_mean(data, dim=0, correction=0)

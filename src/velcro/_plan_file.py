@@ -12,6 +12,7 @@ to it.)
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -158,3 +159,10 @@ def read_plan_file(path: str | Path, *, granularities: tuple[str, ...], scores: 
                            f"{chosen / total if total else 0.0}")
     result["sites"] = sites
     return result
+
+
+def readable_json(document: dict) -> str:
+    """Indented JSON with one line per site row, so a plan reads as a table."""
+    head = json.dumps({k: v for k, v in document.items() if k != "sites"}, indent=1)[:-2]
+    body = ",\n  ".join(json.dumps(row) for row in document["sites"])
+    return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'

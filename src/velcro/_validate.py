@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from velcro._io import atomic_path
+from velcro._io import atomic_group, atomic_path
 from velcro.errors import VelcroError
 
 # Bounds on what a file may declare; larger is refused before any work.
@@ -307,9 +307,10 @@ def write_pair(json_path: str | Path, tensors: Mapping[str, torch.Tensor],
 
     The JSON records the tensor file's name (``tensors``) and the SHA-256 of its bytes
     (``tensors_sha256``). Both files are written to temporary names first; only when both
-    are complete are they renamed into place, so an interrupted save leaves either the old
-    pair, or a pair whose checksum does not match (refused by :func:`read_pair`), never a
-    mixed pair that loads.
+    are complete are they renamed into place, as one :func:`~velcro._io.atomic_group` (a
+    failed second rename puts the first file back). A process killed between the two renames
+    leaves a pair whose checksum does not match (refused by :func:`read_pair`), never a mixed
+    pair that loads.
     """
     from safetensors.torch import save
 
@@ -318,7 +319,7 @@ def write_pair(json_path: str | Path, tensors: Mapping[str, torch.Tensor],
     data = save(dict(tensors), metadata=tensor_metadata)
     document = {**document, "tensors": target.name, "tensors_sha256": sha256_bytes(data)}
     text = render(document)
-    with atomic_path(target) as tensor_tmp:
+    with atomic_group(), atomic_path(target) as tensor_tmp:  # both files, or neither
         tensor_tmp.write_bytes(data)
         with atomic_path(json_path) as json_tmp:
             json_tmp.write_text(text, encoding="utf-8")

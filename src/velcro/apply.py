@@ -20,16 +20,36 @@ class ConstantReplace(nn.Module):
         constant: tensor of that shape holding the constants at masked positions.
     """
 
-    def __init__(self, mask: torch.Tensor, constant: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, constant: torch.Tensor, site: str = "") -> None:
         super().__init__()
         self.register_buffer("mask", mask.clone())
         self.register_buffer("constant", constant.clone())
+        self.site = site
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation_shape(x, self.mask.shape, self.site)
         return torch.where(self.mask, self.constant.to(x.dtype), x)
 
     def extra_repr(self) -> str:
         return f"constant={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def check_activation_shape(x: torch.Tensor, shape: torch.Size | tuple[int, ...],
+                           site: str = "") -> None:
+    """Raise VelcroError unless the batch ``x`` has one image's activation ``shape`` per
+    image: a plan's constants are per element of the calibration images' activations, and
+    images of another size (another crop, another preprocessing) do not fit them."""
+    if tuple(x.shape[1:]) == tuple(shape):
+        return
+    def text(dims) -> str:
+        return "x".join(map(str, dims))
+
+    where = f" at site '{site}'" if site else ""
+    raise VelcroError(
+        f"the images give activations of {text(x.shape[1:])}{where}, but the plan's constants "
+        f"are {text(shape)}: the plan was made on images of another size; preprocess these "
+        "images as for calibration (velcro.data.loader_for(stats, ...) reuses what the "
+        "statistics record; on the command line, leave --resize/--crop out)")
 
 
 class AffineReplace(nn.Module):
@@ -44,18 +64,22 @@ class AffineReplace(nn.Module):
         offset: tensor of one image's activation shape; the chosen channels' offsets.
         coefficients: ``(len(units), channels)``.
         channel_axis: the channel axis of one image's tensor (0, or -1 after a linear).
+        site: the site's name, for messages.
     """
 
     def __init__(self, units: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
-                 channel_axis: int) -> None:
+                 channel_axis: int, site: str = "") -> None:
         super().__init__()
         axis = channel_axis % offset.dim()
         self.axis = axis + 1  # in the batched tensor
+        self.shape = tuple(offset.shape)  # one image's activation shape, checked per batch
+        self.site = site
         self.register_buffer("units", units.to(torch.int64).clone())
         self.register_buffer("offset", offset.index_select(axis, self.units).clone())
         self.register_buffer("coefficients", coefficients.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation_shape(x, self.shape, self.site)
         coefficients = self.coefficients.to(x.dtype)
         if self.axis == x.dim() - 1:  # channels last (after a linear layer)
             mixed = x @ coefficients.T
@@ -72,8 +96,8 @@ def replacement(plan: Plan, name: str) -> nn.Module:
     site_plan = plan.sites[name]
     if site_plan.coefficients is not None:
         return AffineReplace(site_plan.units, site_plan.constant, site_plan.coefficients,
-                             site_plan.channel_axis)
-    return ConstantReplace(plan.mask(name), site_plan.constant)
+                             site_plan.channel_axis, name)
+    return ConstantReplace(plan.mask(name), site_plan.constant, name)
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:

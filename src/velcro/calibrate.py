@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from velcro._moments import ShapeChanged
+from velcro.data._preprocess import Preprocess
 from velcro.distributed import is_main, merge_stats, process_group, run_together, shard
 from velcro.distributed._shard import Shard
 from velcro.errors import VelcroError
@@ -33,7 +35,11 @@ class _Observer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before = self.moments.count
-        self.moments.update(x)
+        try:
+            self.moments.update(x)
+        except ShapeChanged as exc:
+            exc.site = self.site_name
+            raise
         if self.moments.count > before and not torch.isfinite(self.moments.mean).all():
             raise VelcroError(
                 f"site '{self.site_name}' produced NaN or inf activations during calibration; "
@@ -79,6 +85,28 @@ def _total(data: Iterable, max_images: int | None) -> int | None:
     return total
 
 
+def _mixed_sizes(exc: ShapeChanged, first: tuple[int, ...],
+                 now: tuple[int, ...]) -> VelcroError:
+    def text(shape: tuple[int, ...]) -> str:
+        return "x".join(map(str, shape))
+
+    images = (f"the calibration images are of two sizes ({text(first)} and {text(now)})"
+              if first != now else "the activations changed size")
+    return VelcroError(
+        f"site '{getattr(exc, 'site', '?')}' saw activations of {text(exc.after)} after "
+        f"{exc.count} images of {text(exc.before)}: {images}; statistics are per element, "
+        "so every image needs one size: give --crop (and --resize) on the command line, or "
+        "resize the images to one size in your loader"
+    )
+
+
+def _preprocess_of(data: Iterable) -> Preprocess | None:
+    """The preprocessing of an :class:`~velcro.data.ImageLoader` (or a DataLoader over an
+    :class:`~velcro.data.ImageFolder`), recorded with the statistics."""
+    preprocess = getattr(getattr(data, "dataset", None), "preprocess", None)
+    return preprocess if isinstance(preprocess, Preprocess) else None
+
+
 def model_device(model: nn.Module) -> torch.device:
     for tensor in list(model.parameters()) + list(model.buffers()):
         return tensor.device
@@ -118,13 +146,16 @@ def calibrate(
             tenth of a ResNet's own MACs) and ``8 channels^2`` bytes per site.
 
     Returns:
-        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints.
+        :class:`Stats` for every activation site, tied to ``model`` by its fingerprints. Its
+        ``info`` records the input shape, and the preprocessing when ``data`` is an
+        :class:`~velcro.data.ImageLoader` (:func:`velcro.data.loader_for` reuses it).
 
     Example:
         >>> stats = velcro.calibrate(model, DataLoader(cats, batch_size=32))
         >>> stats.count
         256
     """
+    preprocess = _preprocess_of(data)  # before sharding wraps the loader
     gm = trace(model)
     sites = find_sites(gm)
     if not sites:
@@ -143,11 +174,19 @@ def calibrate(
     bar = tqdm(total=_total(data, max_images), unit="img", desc="calibrate",
                disable=not progress, file=sys.stderr, leave=False)
 
+    shapes: list[tuple[int, ...]] = []
+
     def observe() -> int:
-        images = 0
+        images, first = 0, None
         with bar:
             for batch in batches(data, max_images):
-                gm(batch.to(device, non_blocking=True))
+                if first is None:
+                    first = tuple(batch.shape[1:])
+                    shapes.append(first)
+                try:
+                    gm(batch.to(device, non_blocking=True))
+                except ShapeChanged as exc:
+                    raise _mixed_sizes(exc, first, tuple(batch.shape[1:])) from None
                 images += batch.shape[0]
                 bar.update(batch.shape[0])
         return images
@@ -168,4 +207,8 @@ def calibrate(
         weights=weights_fingerprint(model),
         info={"model": type(model).__name__},
     )
+    if shapes:
+        stats.info["input_shape"] = list(shapes[0])
+    if preprocess is not None:  # what the images went through: reused by loader_for
+        stats.info["preprocess"] = preprocess.to_dict()
     return stats if group is None else merge_stats(stats, group)

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from velcro._format import plural, scaled, shape_text
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, trace
 
@@ -77,8 +78,14 @@ class Cost:
         layers: per-node breakdown, in graph order (nodes that cost nothing are left out).
         input_shape: the per-image input shape the counts are for.
 
+    ``print(cost)`` shows the totals in a few lines; the per-layer rows stay in ``layers``
+    (:meth:`table` renders them) and in :meth:`to_dict`.
+
     Example:
         >>> base = velcro.cost(model, torch.zeros(1, 3, 224, 224))
+        >>> base
+        Cost per image of 3x224x224: 1.81 G MACs, 11.69 M parameters
+          2.31 M activation elements at 17 sites, 5.75 M elementwise outputs, 68 layers
         >>> round(base.macs / 1e9, 2)
         1.81
         >>> base.reduction(velcro.cost(small, torch.zeros(1, 3, 224, 224)))["macs"]
@@ -93,6 +100,13 @@ class Cost:
     sites: dict[str, int] = field(default_factory=dict)
     layers: list[LayerCost] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:
+        return (f"Cost per image of {shape_text(self.input_shape)}: {scaled(self.macs)} MACs, "
+                f"{scaled(self.parameters)} parameters\n"
+                f"  {scaled(self.activations)} activation elements at "
+                f"{plural(len(self.sites), 'site')}, {scaled(self.elementwise)} elementwise "
+                f"outputs, {plural(len(self.layers), 'layer')}")
 
     def reduction(self, other: Cost) -> dict[str, float]:
         """The fraction of this model's cost that ``other`` saves, per quantity.
@@ -117,11 +131,19 @@ class Cost:
         }
 
     def to_dict(self) -> dict:
-        """Plain data (JSON-serialisable)."""
+        """Every figure as plain data (JSON-serialisable), the per-layer rows included.
+
+        Example:
+            >>> text = json.dumps(velcro.cost(model, torch.zeros(1, 3, 224, 224)).to_dict())
+        """
         return asdict(self)
 
     def table(self) -> str:
-        """The per-layer breakdown as a Markdown table (layers with MACs only)."""
+        """The per-layer breakdown as a Markdown table (layers with MACs only).
+
+        Example:
+            >>> print(velcro.cost(model, torch.zeros(1, 3, 224, 224)).table())
+        """
         lines = ["| layer | kind | output | MACs | parameters |", "|---|---|---|---:|---:|"]
         for row in self.layers:
             if row.macs:

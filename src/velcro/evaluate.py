@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from velcro._format import percent, plural
 from velcro.calibrate import _total, model_device
 from velcro.distributed import (
     batch_positions,
@@ -51,6 +52,18 @@ class Report:
             (None when no task was given).
         labels: per-image label.
         task_classes: the task's class indices, if given.
+        predicted: per-image top-1 class over all classes (to compare two models' outputs).
+        info: free-form labels (``model``: what was evaluated), kept in :meth:`to_dict`.
+
+    ``print(report)`` shows a short summary; the per-image tensors stay in the attributes.
+
+    Example:
+        >>> report = velcro.evaluate(model, val_loader, task_classes=[281, 282])
+        >>> report
+        Report: top-1 97.50% [94.65%, 98.85%] on 240 images (234 correct)
+          within the 2 task classes: 98.75% [96.39%, 99.57%]
+        >>> report.to_dict()["per_class"]["281"]["accuracy"]
+        0.975
     """
 
     hits: torch.Tensor
@@ -58,13 +71,27 @@ class Report:
     task_hits: torch.Tensor | None = None
     task_classes: list[int] | None = None
     info: dict = field(default_factory=dict)
+    predicted: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        low, high = self.ci95
+        what = f" of {self.info['model']}" if self.info.get("model") else ""
+        lines = [f"Report{what}: top-1 {percent(self.accuracy)} [{percent(low)}, "
+                 f"{percent(high)}] on {plural(self.images, 'image')} ({self.correct} correct)"]
+        if self.task_hits is not None:
+            low, high = self.task_ci95
+            lines.append(f"  within the {plural(len(self.task_classes or []), 'task class')}: "
+                         f"{percent(self.task_accuracy)} [{percent(low)}, {percent(high)}]")
+        return "\n".join(lines)
 
     @property
     def images(self) -> int:
+        """Number of images evaluated."""
         return int(self.hits.numel())
 
     @property
     def correct(self) -> int:
+        """Number of images whose top-1 prediction is their label."""
         return int(self.hits.sum())
 
     @property
@@ -74,6 +101,7 @@ class Report:
 
     @property
     def ci95(self) -> tuple[float, float]:
+        """95% Wilson interval of :attr:`accuracy`."""
         return wilson_interval(self.correct, self.images)
 
     @property
@@ -85,6 +113,7 @@ class Report:
 
     @property
     def task_ci95(self) -> tuple[float, float] | None:
+        """95% Wilson interval of :attr:`task_accuracy`."""
         if self.task_hits is None:
             return None
         return wilson_interval(int(self.task_hits.sum()), self.images)
@@ -230,7 +259,7 @@ def evaluate(
         >>> after = velcro.evaluate(small, val_loader, task_classes=[281, 282, 283])
         >>> after.paired_difference(before)
     """
-    hits, task_hits, all_labels = [], [], []
+    hits, task_hits, all_labels, predicted = [], [], [], []
     classes = torch.as_tensor(list(task_classes), dtype=torch.long) if task_classes else None
     group = process_group(group)
     if group is not None:
@@ -249,7 +278,8 @@ def evaluate(
                     f"task class {int(classes.max())} is out of range for a model with "
                     f"{logits.shape[1]} classes; check --classes"
                 )
-            hits.append(logits.argmax(1) == labels)
+            predicted.append(logits.argmax(1))
+            hits.append(predicted[-1] == labels)
             if classes is not None:
                 task_hits.append(classes[logits[:, classes].argmax(1)] == labels)
             all_labels.append(labels)
@@ -260,11 +290,11 @@ def evaluate(
         run_together(group, collect)
         positions = batch_positions(data.starts, [h.numel() for h in hits])
         columns = [torch.cat(c) if c else torch.zeros(0, dtype=torch.int64)
-                   for c in (hits, all_labels, task_hits)]
-        merged = gather_in_order(positions, columns if classes is not None else columns[:2],
+                   for c in (hits, all_labels, predicted, task_hits)]
+        merged = gather_in_order(positions, columns if classes is not None else columns[:3],
                                  group)
-        hits, all_labels = [merged[0].bool()], [merged[1]]
-        task_hits = [merged[2].bool()] if classes is not None else []
+        hits, all_labels, predicted = [merged[0].bool()], [merged[1]], [merged[2]]
+        task_hits = [merged[3].bool()] if classes is not None else []
     if not sum(h.numel() for h in hits):
         raise VelcroError("evaluation data yielded no images; give at least one labelled image")
     return Report(
@@ -272,4 +302,5 @@ def evaluate(
         torch.cat(all_labels),
         torch.cat(task_hits) if classes is not None else None,
         [int(c) for c in task_classes] if task_classes else None,
+        predicted=torch.cat(predicted),
     )

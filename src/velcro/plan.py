@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,8 @@ from velcro._affine import (
     check_affine_options,
     residual_scores,
 )
-from velcro._plan_file import FORMAT, read_plan_file
+from velcro._format import percent, plural, shape_text
+from velcro._plan_file import FORMAT, read_plan_file, readable_json
 from velcro._validate import write_pair
 from velcro.errors import VelcroError
 from velcro.stats import SiteStats, Stats
@@ -45,6 +45,10 @@ class SitePlan:
             (zero in the trimmed channels' columns). The output at chosen channel r is then
             ``constant_r(p) + sum_k coefficients[r, k] * a_k(p)``: ``constant`` holds the
             offset ``mu_r - sum_k beta_rk mu_k``. None (or all zero): the constant alone.
+
+    Example:
+        >>> plan.sites["layer1.0.relu:0"]
+        SitePlan: 19 units of 64x8x8 chosen (T_k 0.30)
     """
 
     threshold: float
@@ -54,12 +58,18 @@ class SitePlan:
     channel_axis: int = 0
     coefficients: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        return (f"SitePlan: {plural(int(self.units.numel()), 'unit')} of "
+                f"{shape_text(self.shape)} chosen (T_k {self.threshold:.2f})")
+
     @property
     def channels(self) -> int:
+        """Channels of the site's activation."""
         return self.shape[self.channel_axis]
 
     @property
     def elements(self) -> int:
+        """Elements of one image's activation at this site."""
         return math.prod(self.shape)
 
 
@@ -75,10 +85,16 @@ class Plan:
         info: free-form metadata saved with the plan.
         ridge: affine plans: the ridge strength the coefficients were fitted with.
 
+    ``print(plan)`` shows the headline figures; the per-site tensors stay in ``sites`` and
+    :meth:`to_dict` gives everything as plain data.
+
     Example:
         >>> plan = velcro.plan(stats, 0.3, granularity="channel")
+        >>> plan
+        Plan: channel (S-VELCRO), C 29.74% (compression-saving ratio)
+          1,171 of 3,904 channels replaced at 17 of 17 sites; score variance, constant map
         >>> round(plan.saving_ratio, 3)
-        0.3
+        0.297
     """
 
     granularity: str
@@ -90,8 +106,25 @@ class Plan:
     info: dict = field(default_factory=dict)
     ridge: float | None = None
 
+    def __repr__(self) -> str:
+        method = {"element": "element (VELCRO)", "channel": "channel (S-VELCRO)"}
+        unit = "element" if self.granularity == "element" else "channel"
+        chosen = sum(int(site.units.numel()) for site in self.sites.values())
+        total = sum(site.elements if unit == "element" else site.channels
+                    for site in self.sites.values())
+        used = sum(1 for site in self.sites.values() if site.units.numel())
+        return (f"Plan: {method.get(self.granularity, self.granularity)}, "
+                f"C {percent(self.saving_ratio)} (compression-saving ratio)\n"
+                f"  {chosen:,} of {plural(total, unit)} replaced at {used} of "
+                f"{plural(len(self.sites), 'site')}; score {self.score}, "
+                f"constant {self.constant_kind}")
+
     def mask(self, name: str) -> torch.Tensor:
-        """Boolean tensor of the site's shape, True where the output is a constant."""
+        """Boolean tensor of the site's shape, True where the output is a constant.
+
+        Example:
+            >>> plan.mask("layer1.0.relu:0").float().mean()
+        """
         site = self.sites[name]
         if self.granularity == "element":
             flat = torch.zeros(site.elements, dtype=torch.bool)
@@ -104,6 +137,7 @@ class Plan:
         return chosen.view(view).expand(site.shape)
 
     def chosen_elements(self, name: str) -> int:
+        """Activation elements of one image replaced at site ``name``."""
         site = self.sites[name]
         if self.granularity == "element":
             return int(site.units.numel())
@@ -138,25 +172,27 @@ class Plan:
             for name, site in self.sites.items()
         ]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``path`` (JSON a person can read) and ``path`` + ``.safetensors`` beside it.
+    def to_dict(self, tensors: bool = False) -> dict:
+        """The plan as plain data (JSON-ready): what :meth:`save` writes as JSON.
 
-        Channel plans list their chosen channels in the JSON; element plans list counts only
-        (the indices are in the tensor file). The JSON records the SHA-256 of the tensor
-        file (``tensors_sha256``), so that a JSON and tensors of different saves never load
-        as one plan; both files are written to temporary names and renamed once complete.
+        Args:
+            tensors: also give every site's ``units`` and ``constant`` as (nested) lists;
+                without it, channel plans list their channels and element plans counts only.
+
+        Example:
+            >>> plan.to_dict()["saving_ratio"]
+            0.2974...
         """
-        path = Path(path)
-        tensors = {}
         rows = self.summary()
-        for row, (name, site) in zip(rows, self.sites.items(), strict=True):
-            tensors[f"units/{name}"] = site.units.to(torch.int64).contiguous()
-            tensors[f"constant/{name}"] = site.constant.contiguous()
-            if site.coefficients is not None:
-                tensors[f"coefficients/{name}"] = site.coefficients.float().contiguous()
+        for row, site in zip(rows, self.sites.values(), strict=True):
             row["channel_axis"] = site.channel_axis
             if self.granularity == "channel":
                 row["channels"] = site.units.tolist()
+            if tensors:
+                row["units"] = site.units.tolist()
+                row["constant"] = site.constant.tolist()
+                if site.coefficients is not None:
+                    row["coefficients"] = site.coefficients.tolist()
         document = {
             "format": FORMAT,
             "granularity": self.granularity,
@@ -168,14 +204,39 @@ class Plan:
             "info": self.info,
             "sites": rows,
         }
-        if self.ridge is not None:
+        if self.ridge is not None:  # JSON has no infinity: the mean's ridge is the string
             document["ridge"] = str(self.ridge) if math.isinf(self.ridge) else self.ridge
-        write_pair(path, tensors, {"format": FORMAT}, document, _readable_json)
+        return document
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``path`` (JSON a person can read) and ``path`` + ``.safetensors`` beside it.
+
+        Channel plans list their chosen channels in the JSON; element plans list counts only
+        (the indices are in the tensor file). The JSON records the SHA-256 of the tensor
+        file (``tensors_sha256``), so that a JSON and tensors of different saves never load
+        as one plan; both files are written to temporary names and renamed once complete.
+        Affine plans also save their coefficients (tensor file) and ridge (JSON).
+
+        Example:
+            >>> plan.save("cats.plan.json")  # + cats.plan.json.safetensors
+        """
+        path = Path(path)
+        tensors = {}
+        for name, site in self.sites.items():
+            tensors[f"units/{name}"] = site.units.to(torch.int64).contiguous()
+            tensors[f"constant/{name}"] = site.constant.contiguous()
+            if site.coefficients is not None:
+                tensors[f"coefficients/{name}"] = site.coefficients.float().contiguous()
+        write_pair(path, tensors, {"format": FORMAT}, self.to_dict(), readable_json)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read a plan written by :meth:`save`, validating every field (see
-        :mod:`velcro._plan_file`); a tensor file from another save is refused."""
+        :mod:`velcro._plan_file`); a tensor file from another save is refused.
+
+        Example:
+            >>> plan = velcro.Plan.load("cats.plan.json")
+        """
         content = read_plan_file(path, granularities=GRANULARITIES, scores=SCORES,
                                  constants=CONSTANTS)
         sites = {name: SitePlan(threshold, units, constant, shape, axis, coefficients)
@@ -183,13 +244,6 @@ class Plan:
                  in content["sites"]}
         return cls(content["granularity"], sites, content["structure"], content["weights"],
                    content["score"], content["constant"], content["info"], content["ridge"])
-
-
-def _readable_json(document: dict) -> str:
-    """Indented JSON with one line per site row, so a plan reads as a table."""
-    head = json.dumps({k: v for k, v in document.items() if k != "sites"}, indent=1)[:-2]
-    body = ",\n  ".join(json.dumps(row) for row in document["sites"])
-    return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'
 
 
 def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str, float]:
@@ -207,8 +261,8 @@ def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str
     elif isinstance(thresholds, Sequence) and not isinstance(thresholds, str):
         if len(thresholds) != len(names):
             raise VelcroError(
-                f"got {len(thresholds)} thresholds for {len(names)} sites; give one per site "
-                "in site order, a single fraction, or a mapping by site name"
+                f"got {plural(len(thresholds), 'threshold')} for {plural(len(names), 'site')}; "
+                "give one per site in site order, a single fraction, or a mapping by site name"
             )
         values = {name: float(t) for name, t in zip(names, thresholds, strict=True)}
     else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from velcro._format import plural, shape_text
 from velcro._io import atomic_path
 from velcro._moments import merge_comoment, update_comoment, update_moments
 from velcro._stats_file import FORMAT, read_stats_file
@@ -29,6 +30,13 @@ class SiteStats:
     ``comoment``, when kept, is the float64 ``(channels, channels)`` sum over images m and
     positions p of ``(a_k(m, p) - mean_k(p)) * (a_r(m, p) - mean_r(p))``: deviations from the
     per-position means (None when not kept; an empty tensor before the first image).
+
+    Example:
+        >>> site = stats["layer1.0.relu:0"]
+        >>> site
+        SiteStats: 64x56x56 over 50 images, mean 0.412, mean variance 0.0837
+        >>> site.variance.shape
+        torch.Size([64, 56, 56])
     """
 
     count: int
@@ -37,9 +45,35 @@ class SiteStats:
     channel_axis: int = 0
     comoment: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        figures = ""
+        if self.count and self.mean.numel():
+            figures = (f", mean {float(self.mean.mean()):.3g}, "
+                       f"mean variance {float(self.variance.mean()):.3g}")
+        return (f"SiteStats: {shape_text(self.shape)} over {plural(self.count, 'image')}"
+                f"{figures}")
+
     @property
     def shape(self) -> tuple[int, ...]:
+        """One image's activation shape at this site."""
         return tuple(self.mean.shape)
+
+    def to_dict(self, tensors: bool = False) -> dict:
+        """Count, shape, channel axis and summary figures; with ``tensors`` also ``mean``
+        and ``variance`` as nested lists (JSON-ready).
+
+        Example:
+            >>> stats["layer1.0.relu:0"].to_dict()["count"]
+            50
+        """
+        variance = self.variance
+        summary = {"count": self.count, "shape": list(self.shape),
+                   "channel_axis": self.channel_axis,
+                   "mean_of_means": float(self.mean.mean()) if self.mean.numel() else 0.0,
+                   "mean_of_variances": float(variance.mean()) if variance.numel() else 0.0}
+        if tensors:
+            summary.update({"mean": self.mean.tolist(), "variance": variance.tolist()})
+        return summary
 
     @property
     def variance(self) -> torch.Tensor:
@@ -110,8 +144,13 @@ class Stats:
         weights: fingerprint of the model's weights.
         info: free-form metadata (model name, task, data source), saved with the stats.
 
+    ``print(stats)`` shows what they cover in a few lines; the tensors stay in ``sites``.
+
     Example:
         >>> stats = velcro.calibrate(model, loader)
+        >>> stats
+        Stats: 17 sites, 2,308,096 activation elements per image, over 50 images
+          model resnet18, weights resnet18-f37072fd.pth, task cats
         >>> stats.save("cats.stats.safetensors")
         >>> stats = velcro.Stats.load("cats.stats.safetensors")
         >>> stats["layer1.0.relu:0"].variance.shape
@@ -123,9 +162,33 @@ class Stats:
     weights: str
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        elements = sum(site.mean.numel() for site in self.sites.values())
+        lines = [f"Stats: {plural(len(self.sites), 'site')}, {elements:,} activation elements "
+                 f"per image, over {plural(self.count, 'image')}"]
+        described = [f"{key} {self.info[key]}" for key in ("model", "weights", "task")
+                     if self.info.get(key) not in (None, "")]
+        if described:
+            lines.append("  " + ", ".join(described))
+        return "\n".join(lines)
+
     @property
     def names(self) -> list[str]:
+        """Site names, in the model's site order."""
         return list(self.sites)
+
+    def to_dict(self, tensors: bool = False) -> dict:
+        """Fingerprints, info and one entry per site (:meth:`SiteStats.to_dict`); JSON-ready.
+
+        Args:
+            tensors: also give every site's ``mean`` and ``variance`` as nested lists.
+
+        Example:
+            >>> json.dumps(stats.to_dict())
+        """
+        return {"format": FORMAT, "images": self.count, "structure": self.structure,
+                "weights": self.weights, "info": self.info,
+                "sites": {name: site.to_dict(tensors) for name, site in self.sites.items()}}
 
     @property
     def has_covariance(self) -> bool:

@@ -89,14 +89,14 @@ def test_calibrate_compress_evaluate_end_to_end(ws, cli, tmp_path):
     applied = velcro.evaluate(velcro.apply(model, plan), loader(ws, validation),
                               task_classes=[0, 1, 2], progress=False)
     assert original.accuracy > 1 / CLASSES + 0.2  # the fitted model is well above chance
-    assert evaluated["original"]["accuracy"] == original.accuracy
-    assert evaluated["original"]["correct"] == original.correct
-    assert evaluated["original"]["ci95"] == list(original.ci95)
-    assert evaluated["compressed"]["accuracy"] == applied.accuracy
+    assert evaluated["evaluated"]["accuracy"] == original.accuracy
+    assert evaluated["evaluated"]["correct"] == original.correct
+    assert evaluated["evaluated"]["ci95"] == list(original.ci95)
+    assert evaluated["with_plan"]["accuracy"] == applied.accuracy
     assert evaluated["difference"]["difference"] == pytest.approx(
         applied.accuracy - original.accuracy)
     assert evaluated["plan"]["saving_ratio"] == pytest.approx(plan.saving_ratio)
-    per_class = evaluated["original"]["per_class"]
+    per_class = evaluated["evaluated"]["per_class"]
     assert sum(row["images"] for row in per_class.values()) == len(validation)
 
     # export the compressed model; onnxruntime computes what the applied model computes
@@ -174,7 +174,7 @@ def test_trim_writes_a_smaller_model_that_evaluates_and_exports_like_apply(ws, c
         code, out, err = cli("evaluate", ws.data, *options, "--json", *DATA_OPTIONS)
         assert code == 0, err
         evaluated = json.loads(out)
-        key = "compressed" if "--plan" in options else "original"
+        key = "with_plan" if "--plan" in options else "evaluated"
         assert evaluated["images"] == CLASSES * PER_CLASS
         assert evaluated[key]["correct"] == reference.correct
 

@@ -99,7 +99,7 @@ def test_unreadable_images_are_skipped_counted_and_named(ws, cli, tmp_path):
     assert summary["images"] == 47  # 48 files of which 1 truncated, plus 1 fake
     assert [row["path"] for row in summary["skipped"]] == ["1/03.png", "2/fake.png"]
     code, stdout, _ = cli("evaluate", data, *TINY, "--weights", ws.weights, *DATA_OPTIONS)
-    assert "skipped 2 unreadable image(s)" in stdout and "1/03.png" in stdout
+    assert "skipped 2 unreadable images" in stdout and "1/03.png" in stdout
 
 
 def test_nothing_readable_fails_and_names_a_file(ws, cli, out, tmp_path):
@@ -108,7 +108,7 @@ def test_nothing_readable_fails_and_names_a_file(ws, cli, out, tmp_path):
         (data / label).mkdir(parents=True)
         (data / label / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     assert_fails(cli, *calibrate_args(ws, data, out, "--calibration-fraction", "0.5"),
-                 names=["none of the", "x.png"], untouched=out)
+                 names=["the one image", "could not be read", "x.png"], untouched=out)
 
 
 # ---- model and weights -------------------------------------------------------------------

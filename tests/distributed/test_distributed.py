@@ -93,11 +93,18 @@ def search_task(stats_path: Path):
 
 def run_search(stats_path: Path) -> dict:
     model, stats, batches = search_task(stats_path)
-    result = velcro.search(model, stats, batches, granularity="channel", tolerance=0.05,
+    # the guard and the nested check too: the check images are split off the same way on
+    # every rank, and each rank runs its share of their batches
+    result = velcro.search(model, stats, batches, granularity="channel", criterion="accuracy",
+                           tolerance=0.05, confidence=None, check_fraction=0.25,
                            schedule=SearchSchedule(levels=3, refine_rounds=1), progress=False)
     return {"thresholds": result.thresholds, "evaluations": result.evaluations,
             "accuracy": result.search_accuracy, "images": result.search_images,
-            "trajectory": [(row["accuracy"], row["loss"]) for row in result.trajectory]}
+            "trajectory": [(row["accuracy"], row["loss"], row["agreement"], row["kl"])
+                           for row in result.trajectory],
+            "check": [(row["accuracy"], row["agreement"], row["passed"])
+                      for row in result.check["path"]],
+            "check_images": result.check["images"]}
 
 
 def cli_commands(workspace: Path, out: Path) -> list[list[str]]:
@@ -319,7 +326,8 @@ def check_search(out: Path, workspace: Path) -> None:
              for r in (0, 1)]
     with one_thread():
         alone = run_search(workspace / "search.stats.safetensors")
-    assert alone["images"] == 38 and alone["evaluations"] > 5
+    assert alone["images"] + alone["check_images"] == 38 and alone["evaluations"] > 5
+    assert alone["check"]  # the check ran on the held-back images
     for got in ranks:
         assert got == alone
 
@@ -352,7 +360,7 @@ def check_cli(out: Path, workspace: Path, tmp_path: Path, monkeypatch) -> None:
     assert ((out / "cli.stats.split.json").read_text()
             == (alone / "cli.stats.split.json").read_text())
     reports = [json.loads((d / "cli.eval.json").read_text()) for d in (out, alone)]
-    assert reports[0]["original"] == reports[1]["original"]
+    assert reports[0]["evaluated"] == reports[1]["evaluated"]
     assert reports[0]["images"] == reports[1]["images"] == 24
 
 

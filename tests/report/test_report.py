@@ -5,6 +5,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+import torch
 from cli_workspace import DATA_OPTIONS, build
 from PIL import Image
 from tinytask import one_thread, trained_task
@@ -86,8 +87,8 @@ def run(tmp_path_factory):
     task = trained_task()
     model = task["model"]
     stats = velcro.calibrate(model, task["calibration"], progress=False)
-    result = search(model, stats, task["search"], granularity="channel", tolerance=0.02,
-                    progress=False)
+    result = search(model, stats, task["search"], granularity="channel", criterion="agreement",
+                    tolerance=0.2, confidence=0.8, check_fraction=0.25, progress=False)
     validate(result, model, task["validation"], search_ids=task["search_ids"],
              validation_ids=task["validation_ids"], progress=False)
     example = task["validation"][0][0][:16]
@@ -101,13 +102,15 @@ def run(tmp_path_factory):
                           "plan": result.plan, "stats": stats, "search": result,
                           "cost": costs, "sweep": curves}, out)
     return {"task": task, "model": model, "stats": stats, "result": result, "paths": paths,
-            "example": example}
+            "example": example, "costs": costs}
 
 
 def test_the_page_is_self_contained_and_every_image_is_a_real_png(run):
     page = parse(run["paths"]["html"])
     assert page.external == []
-    assert len(page.images) == 4  # plan, variance distribution, search, curves
+    # plan, variance distribution, search, curves, and the trade-off when a plan was kept
+    assert run["result"].validation["tradeoff"]
+    assert len(page.images) == 5
     for source in page.images:
         assert source.startswith("data:image/png;base64,")
         width, height = png_size(base64.b64decode(source.split(",", 1)[1], validate=True))
@@ -128,21 +131,42 @@ def test_the_tables_hold_the_runs_figures(run):
                                 f"[{pct(before.ci95[0])}, {pct(before.ci95[1])}]", "400"]
     assert compressed[1:] == [pct(after.accuracy),
                               f"[{pct(after.ci95[0])}, {pct(after.ci95[1])}]", "400"]
-    searched = velcro.evaluate(velcro.apply(model, plan), task["search"], progress=False)
-    assert row(page, "compressed, search split")[1] == pct(searched.accuracy)
+    # the search's own figure is on the search images it ran on: the check images held out
+    images = torch.cat([x for x, _ in task["search"]])
+    labels = torch.cat([y for _, y in task["search"]])
+    kept = torch.ones(len(images), dtype=torch.bool)
+    kept[result.check["indices"]] = False
+    searched = velcro.evaluate(velcro.apply(model, plan), [(images[kept], labels[kept])],
+                               progress=False)
+    assert row(page, "compressed, search split")[1:] == [
+        pct(searched.accuracy), f"[{pct(searched.ci95[0])}, {pct(searched.ci95[1])}]",
+        str(result.search_images)]
     # MACs and parameters: the model's and the trimmed model's, counted here
     small = velcro.trim(model, plan)
     original, trimmed = cost(model, run["example"][:1]), cost(small, run["example"][:1])
     assert row(page, "MACs per image")[1:3] == [f"{original.macs:,}", f"{trimmed.macs:,}"]
     assert row(page, "parameters")[1:3] == [f"{original.parameters:,}",
                                             f"{trimmed.parameters:,}"]
-    assert row(page, "latency, ms per batch of 16")
+    latency = row(page, "latency per batch of 16 images (median [IQR] over 3 runs)")
+    spread = run["costs"]["latency_ms"]["spread"]["compressed"]
+    assert latency[2] == (f"{spread['median']:.2f} ms [{spread['q1']:.2f}–"
+                          f"{spread['q3']:.2f}]")
     # the plan per site
     for name, fraction in plan.thresholds().items():
         site_row = row(page, name)
         assert site_row[2] == pct(fraction)
         assert site_row[3] == f"{plan.sites[name].units.numel()} / {plan.sites[name].channels}"
     assert row(page, "evaluations")[1] == str(result.evaluations)
+    # the trade-off: each plan of the back-off path on the validation images, recomputed here
+    for point, path in zip(result.validation["tradeoff"], result.path, strict=True):
+        report = velcro.evaluate(velcro.apply(model, path["plan"]), task["validation"],
+                                 progress=False)
+        assert point["difference"] == pytest.approx((report.correct - before.correct) / 400)
+        assert point["saving_ratio"] == path["plan"].saving_ratio
+    chosen = [p for p in result.validation["tradeoff"] if p["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["saving_ratio"] == plan.saving_ratio
+    trade_rows = [r for t in page.tables for r in t if r[-1] == "yes" and "pp [" in r[1]]
+    assert trade_rows and trade_rows[0][0] == pct(plan.saving_ratio)
     # the sweep's table of maximum C at no loss
     assert any(r[:4] == ["chain", "generated", "channel", "uniform"]
                for t in page.tables for r in t)
@@ -153,7 +177,7 @@ def test_the_markdown_twin_has_the_same_tables_and_its_images_exist(run):
     plan = run["result"].plan
     assert f"| compression-saving ratio C | {pct(plan.saving_ratio)} |" in markdown
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(links) == 4
+    assert len(links) == 5
     for link in links:
         data = (run["paths"]["markdown"].parent / link).read_bytes()
         assert min(png_size(data)) >= 200
@@ -169,6 +193,7 @@ def test_search_and_report_commands_write_the_report(tmp_path, monkeypatch, caps
                  *DATA_OPTIONS]) == 0
     capsys.readouterr()
     assert main(["search", "--stats", str(stats), *model, "--granularity", "channel",
+                 "--tolerance", "0.3", "--confidence", "0.8", "--check-fraction", "0.4",
                  "-o", str(tmp_path / "t.plan.json"), "--json", *DATA_OPTIONS]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation"]["images"] == summary["splits"]["validation"]
@@ -176,7 +201,8 @@ def test_search_and_report_commands_write_the_report(tmp_path, monkeypatch, caps
     assert saved["saving_ratio"] == pytest.approx(
         velcro.Plan.load(tmp_path / "t.plan.json").saving_ratio)
     page = parse(tmp_path / "t.report.html")
-    assert len(page.images) == 3 and page.external == []
+    tradeoff = saved["validation"]["tradeoff"]
+    assert len(page.images) == 3 + bool(tradeoff) and page.external == []
     assert row(page, "compression-saving ratio C")[1] == pct(saved["saving_ratio"])
     # the report re-rendered from the saved summary alone
     assert main(["report", "--run", str(tmp_path / "t.search.json"),

@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from zoo import TOPOLOGIES, build, images
 
 import velcro
 from velcro.errors import VelcroError
-from velcro.search import SearchSchedule, search, validate
+from velcro.search import UNGUARDED, SearchSchedule, search, validate
 from velcro.search._candidates import Rankings, filter_norm_score, random_score
 from velcro.search._evaluator import CandidateEvaluator
 
@@ -55,8 +56,9 @@ def test_search_stays_within_tolerance_and_beats_every_uniform_threshold(
     assert not search_ids & validation_ids
     assert not search_ids & set(task["calibration_ids"])
     model = task["model"]
+    # the search before issue 14: top-1 point estimate on every search image, no check
     result = search(model, task["stats"], task["search"], granularity=granularity,
-                    tolerance=tolerance, progress=False)
+                    progress=False, **{**UNGUARDED, "tolerance": tolerance})
 
     # search accuracy, recomputed through the reference semantics
     before = accuracy(model, task["search"])
@@ -85,7 +87,7 @@ def test_search_stays_within_tolerance_and_beats_every_uniform_threshold(
 
 def test_validate_refuses_overlapping_splits(task):
     result = search(task["model"], task["stats"], task["search"], budget=3, progress=False)
-    with pytest.raises(VelcroError, match="share 1 images"):
+    with pytest.raises(VelcroError, match=r"share 1 image \(e.g."):
         validate(result, task["model"], task["validation"], search_ids=[1, 2, 3],
                  validation_ids=[3, 4], progress=False)
 
@@ -95,15 +97,16 @@ def test_trajectory_budget_and_reuse(task):
     limited = search(model, stats, data, granularity="channel", budget=6, progress=False)
     assert limited.evaluations <= 6
     assert sum(not row["memoised"] for row in limited.trajectory) == limited.evaluations
-    first = search(model, stats, data, granularity="channel", tolerance=0.02, progress=False)
+    legacy = {**UNGUARDED, "tolerance": 0.02}
+    first = search(model, stats, data, granularity="channel", progress=False, **legacy)
     phases = {row["phase"] for row in first.trajectory}
     assert {"baseline", "profile", "refine"} <= phases
     best = max((r for r in first.trajectory if r["feasible"]), key=lambda r: r["objective"])
     assert best["objective"] == pytest.approx(first.objective_value)
     assert best["accuracy"] == first.search_accuracy
     # a second search with the same settings finds everything already evaluated
-    again = search(model, stats, data, granularity="channel", tolerance=0.02, reuse=first,
-                   progress=False)
+    again = search(model, stats, data, granularity="channel", reuse=first, progress=False,
+                   **legacy)
     assert again.evaluations == 0
     assert again.thresholds == first.thresholds
 
@@ -151,6 +154,17 @@ def test_cached_evaluation_equals_the_applied_model(name, granularity):
                        for x, y in labelled)
         assert outcome.correct == accuracy(applied, labelled).correct
         assert outcome.loss_sum == pytest.approx(loss, rel=1e-5)
+        # fidelity to the uncompressed model, recomputed in NumPy from both models' logits
+        with torch.no_grad():
+            p = torch.cat([model(x) for x, _ in labelled]).double().numpy()
+            q = torch.cat([applied(x) for x, _ in labelled]).double().numpy()
+        log_p = p - np.log(np.exp(p - p.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - p.max(1, keepdims=True)
+        log_q = q - np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - q.max(1, keepdims=True)
+        kl = (np.exp(log_p) * (log_p - log_q)).sum(1)
+        assert outcome.changed == int((p.argmax(1) != q.argmax(1)).sum())
+        assert outcome.kl_sum == pytest.approx(kl.sum(), rel=1e-4, abs=1e-6)
     assert any(s is not None and s > 0 for s in started)  # the cache was used
     # with caching off every run starts from the images, with the same results
     plain = CandidateEvaluator(model, rankings, labelled, cache_mb=0)

@@ -8,7 +8,7 @@ from tinytask import one_thread, trained_task
 from trim.test_trim import big_model
 
 import velcro
-from velcro.search import SearchSchedule, search
+from velcro.search import UNGUARDED, SearchSchedule, search
 from velcro.search._candidates import Rankings
 from velcro.search._evaluator import CandidateEvaluator
 from velcro.trim._affine import affine_sites
@@ -31,8 +31,10 @@ def task():
 
 
 def run(task, **options):
+    """The search without guard or check unless asked (top-1 point estimate on every search
+    image): what these tests compare exactly; the guarded search has its own test."""
     return search(task["model"], task["stats"], task["search"], granularity="channel",
-                  schedule=SCHEDULE, progress=False, **options)
+                  schedule=SCHEDULE, progress=False, **{**UNGUARDED, **options})
 
 
 def test_an_infinite_ridge_searches_exactly_like_mean_maps(task):
@@ -140,3 +142,22 @@ def test_affine_searches_check_their_inputs_before_searching(task):
         search(task["model"], task["stats"], task["search"], constant="affine", progress=False)
     with pytest.raises(velcro.VelcroError, match="ridge 'wide'"):
         run(task, constant="affine", ridge="wide")
+
+
+def test_affine_searches_keep_the_guard_and_the_check(task):
+    # the library's defaults: the confidence bound and the check on held-back images hold
+    # for each trial, and the mean-map trial is the guarded mean-map search itself
+    mean = search(task["model"], task["stats"], task["search"], granularity="channel",
+                  schedule=SCHEDULE, progress=False)
+    result = search(task["model"], task["stats"], task["search"], granularity="channel",
+                    schedule=SCHEDULE, progress=False, constant="affine")
+    assert result.confidence == mean.confidence is not None
+    assert result.check is not None and result.check["images"] == mean.check["images"] > 0
+    trials = result.settings["ridge_trials"]
+    assert trials[0]["objective_value"] == mean.objective_value
+    assert result.objective_value == max(t["objective_value"] for t in trials)
+    assert result.objective_value >= mean.objective_value
+    # the chosen plan passed its check: its row on the check path says so
+    if result.check["chosen"] is not None:
+        assert result.check["path"][result.check["chosen"]]["passed"]
+

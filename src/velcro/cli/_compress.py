@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 
 import velcro
+from velcro._format import plural
+from velcro._io import atomic_group
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
 from velcro.errors import VelcroError
 from velcro.plan import CONSTANTS, DEFAULT_RIDGE, GRANULARITIES, SCORES, Plan, resolve_thresholds
 from velcro.stats import Stats
@@ -63,7 +66,24 @@ def add_parser(subparsers) -> None:
                         help="write no HTML/Markdown report beside the plan")
     common.add_model_options(parser, required=False)
     common.add_runtime_options(parser, data=False)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The files read and written, checked before any work."""
+    files = Files()
+    files.read_model(args)
+    files.read("--stats", args.stats)
+    files.read("--plan", args.plan, tensors=True)
+    if args.thresholds is not None and Path(args.thresholds.strip()).is_file():
+        files.read("--thresholds", args.thresholds.strip())
+    files.write("--output", args.output, tensors=True)
+    if args.output and not args.no_report:
+        base = common.output_base(Path(args.output))
+        files.write("--output", base.with_name(base.name + ".report.html"))
+        files.write("--output", base.with_name(base.name + ".report.md"))
+    files.write("--trim", args.trim, tensors=True)
+    return files
 
 
 def parse_thresholds(text: str, names: list[str]) -> dict[str, float]:
@@ -167,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
         thresholds = parse_thresholds(args.thresholds, stats.names)
         plan = velcro.plan(stats, thresholds, granularity=args.granularity, score=args.score,
                            constant=args.constant, ridge=args.ridge)
-        plan.info.update({"stats": str(args.stats), "thresholds_given": args.thresholds})
+        plan.info.update({**common.carried_info(stats), "stats": str(args.stats),
+                          "thresholds_given": args.thresholds})
     if trim_path is not None and plan.granularity != "channel":
         raise VelcroError("--trim needs a channel plan (whole filters); give --granularity "
                           "channel, or evaluate the element plan with `velcro evaluate --plan`")
@@ -175,20 +196,21 @@ def run(args: argparse.Namespace) -> int:
     trimmed = None
     if trim_path is not None:
         trimmed = common.velcro_api("trim")(model, plan)
-    if trimmed is not None:  # first: it refuses graphs it cannot describe safely
-        common.velcro_api("save_trimmed")(trimmed, trim_path)
     reports = []
-    if plan_path is not None:
-        plan.save(plan_path)
-        if not args.no_report:
-            reports = _write_report(args, plan, stats, model, trimmed, plan_path)
+    with atomic_group():  # every file of the command, or none
+        if trimmed is not None:  # first: it refuses graphs it cannot describe safely
+            common.velcro_api("save_trimmed")(trimmed, trim_path)
+        if plan_path is not None:
+            plan.save(plan_path)
+            if not args.no_report:
+                reports = _write_report(args, plan, stats, model, trimmed, plan_path)
 
     summary = {
         "command": "compress", "plan": str(plan_path or args.plan),
         "granularity": plan.granularity, "score": plan.score, "constant": plan.constant_kind,
         "saving_ratio": plan.saving_ratio, "sites": plan.summary(),
     }
-    lines = [f"{plan.granularity} plan over {len(plan.sites)} sites: compression-saving "
+    lines = [f"{plan.granularity} plan over {plural(len(plan.sites), 'site')}: compression-saving "
              f"ratio C = {common.percent(plan.saving_ratio)}"]
     if plan_path is not None:
         lines.append(f"wrote {plan_path} (+ {plan_path.name}.safetensors)")
@@ -199,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         before, after = _parameters(model), _parameters(trimmed)
         summary.update({"trimmed": str(trim_path),
                         "parameters": {"original": before, "trimmed": after}})
-        lines.append(f"wrote {trim_path} (+ .safetensors): {after:,} parameters (original "
-                     f"{before:,}, {common.percent(1 - after / before)} fewer)")
+        lines.append(f"wrote {trim_path} (+ .safetensors): {plural(after, 'parameter')} "
+                     f"(the model given: {before:,}, {common.percent(1 - after / before)} fewer)")
     common.emit(args, summary, lines)
     return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from velcro.cli import _common as common
+from velcro.cli import _values as values
+from velcro.cli._files import Files
 
 DESCRIPTION = """\
 Train the built-in ResNet-18 on scikit-learn's bundled handwritten digits (upscaled to 32x32;
@@ -28,9 +31,9 @@ def add_parser(subparsers) -> None:
         description=DESCRIPTION)
     parser.add_argument("--task", default="3,8", metavar="DIGITS",
                         help="the task's digits, comma-separated (default 3,8)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=values.SEED, default=0,
                         help="seed of the data split and the training (default 0)")
-    parser.add_argument("--budget", type=int, default=None, metavar="N",
+    parser.add_argument("--budget", type=values.POSITIVE, default=None, metavar="N",
                         help="most candidate evaluations per search (default: the demo's "
                              "schedule, about 90)")
     parser.add_argument("--out", default="velcro-demo", metavar="DIR",
@@ -43,7 +46,23 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the results as JSON on stdout instead of the table")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """--out is checked now, not after minutes of training and searching; the cached
+    weights the demo reads may not be one of its outputs."""
+    from velcro.demo import OUTPUT_FILES
+    from velcro.demo._digits_model import Recipe, cache_dir, weights_path
+
+    files = Files()
+    if not args.retrain:
+        files.read("--cache-dir", weights_path(Recipe(), args.seed, cache_dir(args.cache_dir)))
+    out = Path(args.out)
+    files.folders.append(("--out", out))
+    for name in OUTPUT_FILES:
+        files.write("--out", out / name)
+    return files
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import torch
 import velcro
 from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
+from velcro.cli._files import Files
 from velcro.errors import VelcroError
 from velcro.plan import Plan
 
@@ -32,12 +33,23 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--plan", metavar="FILE", help="export the model compressed by this plan")
     parser.add_argument("--trim", action="store_true", help="export the trimmed model")
     parser.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
-    parser.add_argument("--input-shape", default="3,224,224", metavar="C,H,W",
-                        help="one image's input shape (default 3,224,224)")
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W",
+                        help=common.INPUT_SHAPE_HELP)
     parser.add_argument("--no-check", action="store_true",
                         help="do not compare onnxruntime's outputs with PyTorch's")
     common.add_runtime_options(parser, data=False)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The options checked before any work, and the files read and written."""
+    if args.input_shape:
+        common.parse_shape(args.input_shape)
+    files = Files()
+    files.read_model(args)
+    files.read("--plan", args.plan, tensors=True)
+    files.write("--output", args.output)
+    return files
 
 
 def _onnxruntime_difference(path, example: torch.Tensor, expected: torch.Tensor) -> float | None:
@@ -55,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     out = common.check_output(args.output, "--output")
     if args.trim and not args.plan:
         raise VelcroError("--trim needs --plan FILE (a channel plan)")
-    shape = common.parse_shape(args.input_shape)
     export_onnx = common.velcro_api("export_onnx")
     device = common.resolve_device(args.device)
     model = common.load_model(args, device)
@@ -68,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             model = velcro.apply(model, plan, check=False)
     model = model.eval()
+    shape = common.default_input_shape(args, model, plan)
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         try:
             expected = model(example)
-        except RuntimeError as exc:
+        except (RuntimeError, VelcroError) as exc:
             raise VelcroError(f"the model does not run on an input of shape {(1, *shape)} "
                               f"({' '.join(str(exc).split())[:120]}); set --input-shape"
                               ) from None

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from velcro._format import plural
 from velcro.cli import _common as common
 from velcro.errors import VelcroError
 
@@ -33,9 +34,10 @@ def add_parser(subparsers) -> None:
         description=DESCRIPTION)
     parser.add_argument("file", nargs="?", metavar="FILE")
     common.add_model_options(parser, required=False)
-    parser.add_argument("--input-shape", default="3,224,224", metavar="C,H,W",
-                        help="input shape for a model's site shapes (default 3,224,224)")
-    common.add_runtime_options(parser, data=False)
+    parser.add_argument("--input-shape", default=None, metavar="C,H,W",
+                        help="input shape for a model's site shapes (default: a registered "
+                             "model's, from its preprocessing; else 3,224,224)")
+    common.add_runtime_options(parser, data=False, device=False)
     parser.set_defaults(run=run)
 
 
@@ -95,8 +97,10 @@ def _stats(path: Path) -> tuple[dict, list[str]]:
     summary = {"kind": "stats", "file": str(path), "images": stats.count,
                "structure": stats.structure, "weights": stats.weights, "info": stats.info,
                "sites": rows}
-    lines = [f"{path}: statistics of {len(rows)} sites over {stats.count} images "
+    lines = [f"{path}: statistics of {plural(len(rows), 'site')} over "
+             f"{plural(stats.count, 'image')} "
              f"(model {stats.info.get('model', '?')}, task {stats.info.get('task') or '-'})",
+             *_recorded_lines(stats.info, f"'{path}'"),
              f"{'site':<32} {'shape':<16} {'var min':>9} {'median':>9} {'max':>9} {'zero':>6}"]
     for row in rows:
         q = row["variance"]
@@ -104,6 +108,22 @@ def _stats(path: Path) -> tuple[dict, list[str]]:
                      f"{q['min']:9.2e} {q['median']:9.2e} {q['max']:9.2e} "
                      f"{common.percent(row['zero_variance']):>6}")
     return summary, lines
+
+
+def _recorded_lines(info: dict, where: str) -> list[str]:
+    """The preprocessing and weights a statistics file or plan records, as lines."""
+    from velcro.data import describe_preprocess, recorded_preprocess
+
+    lines = []
+    preprocess = recorded_preprocess(info, where)
+    if preprocess is not None:
+        shape = info.get("input_shape")
+        size = f"; input {'x'.join(map(str, shape))}" if shape else ""
+        lines.append(f"preprocessing: {describe_preprocess(preprocess)}{size}")
+    if info.get("weights"):
+        lines.append(f"weights: {info['weights']} (fingerprint "
+                     f"{info.get('weights_fingerprint', '?')})")
+    return lines
 
 
 def _plan(path: Path) -> tuple[dict, list[str]]:
@@ -115,8 +135,8 @@ def _plan(path: Path) -> tuple[dict, list[str]]:
                "score": plan.score, "constant": plan.constant_kind,
                "saving_ratio": plan.saving_ratio, "structure": plan.structure,
                "weights": plan.weights, "info": plan.info, "sites": rows}
-    lines = [f"{path}: {plan.granularity} plan over {len(rows)} sites, C = "
-             f"{common.percent(plan.saving_ratio)}",
+    lines = [f"{path}: {plan.granularity} plan over {plural(len(rows), 'site')}, C = "
+             f"{common.percent(plan.saving_ratio)}", *_recorded_lines(plan.info, f"'{path}'"),
              f"{'site':<32} {'shape':<16} {'threshold':>9} {'chosen':>14}"]
     for row in rows:
         lines.append(f"{row['site']:<32} {'x'.join(map(str, row['shape'])):<16} "
@@ -135,7 +155,7 @@ def _weights(path: Path, kind: str, meta: object) -> tuple[dict, list[str]]:
                "elements": parameters, "entries": tensors}
     if meta:
         summary["info"] = meta
-    lines = [f"{path}: {kind}, {len(state)} tensors, {parameters:,} elements"]
+    lines = [f"{path}: {kind}, {plural(len(state), 'tensor')}, {plural(parameters, 'element')}"]
     lines += [f"  {t['key']:<48} {'x'.join(map(str, t['shape'])) or 'scalar':<18} {t['dtype']}"
               for t in tensors[:12]]
     if len(tensors) > 12:
@@ -179,7 +199,8 @@ def _trimmed(path: Path) -> tuple[dict, list[str]]:
     sites = getattr(model, "velcro_sites", None) or {}
     summary = {"kind": "trimmed", "file": str(path), "parameters": parameters,
                "layers": dict(layers.most_common()), "sites": sites}
-    lines = [f"{path}: trimmed model, {parameters:,} parameters, {len(sites)} sites",
+    lines = [f"{path}: trimmed model, {plural(parameters, 'parameter')}, "
+             f"{plural(len(sites), 'site')}",
              "  layers: " + ", ".join(f"{name} x{n}" for name, n in layers.most_common())]
     return summary, lines
 
@@ -192,7 +213,7 @@ def _model(args: argparse.Namespace) -> tuple[dict, list[str]]:
     model = common.load_model(args, torch.device("cpu"))
     gm = trace(model)
     sites = find_sites(gm)
-    shape = common.parse_shape(args.input_shape)
+    shape = common.default_input_shape(args, model)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *shape))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from velcro._io import atomic_group
 from velcro.cli import _common as common
+from velcro.cli._files import Files, json_field
 from velcro.errors import VelcroError
 
 DESCRIPTION = """\
@@ -33,8 +35,24 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--title", help="the page's title")
     parser.add_argument("-o", "--output", required=True, metavar="HTML",
                         help="the HTML file to write (the .md twin goes beside it)")
-    common.add_runtime_options(parser, data=False)
-    parser.set_defaults(run=run)
+    common.add_runtime_options(parser, data=False, device=False)
+    parser.set_defaults(run=run, preflight=preflight)
+
+
+def preflight(args: argparse.Namespace) -> Files:
+    """The files read (the run's recorded plan and statistics too) and written."""
+    files = Files()
+    files.read("--run", args.run_file)
+    files.read("--run (the plan it records)", json_field(args.run_file, "plan"), tensors=True)
+    files.read("--run (the statistics it records)", json_field(args.run_file, "stats"))
+    files.read("--plan", args.plan, tensors=True)
+    files.read("--stats", args.stats)
+    if args.sweep:
+        files.read("--sweep", Path(args.sweep) / "points.json")
+    out = Path(args.output)
+    files.write("--output", out)
+    files.write("--output", out.with_suffix(".md"))
+    return files
 
 
 def _read_run(path: str) -> dict:
@@ -73,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(value, str) and not Path(value).is_file():
             raise VelcroError(f"{option} '{value}' does not exist (recorded in the run?); "
                               f"give {option} FILE")
-    paths = write_report(report, out)
+    with atomic_group():  # the page, its Markdown twin and its figures appear together
+        paths = write_report(report, out)
     summary = {"command": "report", **{k: str(v) for k, v in paths.items()}}
     common.emit(args, summary, [f"wrote {paths['html']}", f"wrote {paths['markdown']} "
                                 f"(images in {paths['figures']})"])

@@ -26,7 +26,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 _CHANNELS = {"RGB": 3, "L": 1}
-_MAX_SIZE = 16384  # pixels; a larger resize or crop is a typo, not a model input
+# The largest resize or crop: beyond any model's input (a typo such as --crop 100000 would
+# otherwise allocate 100000^2 pixels per image).
+MAX_IMAGE_SIDE = 4096
 _MAX_SCALE = 65535.0
 _FIELDS = ("resize", "crop", "mean", "std", "mode", "interpolation", "scale", "crop_fraction")
 
@@ -93,8 +95,8 @@ def _is_number(value: object) -> bool:
 
 
 def _size(value: object, option: str) -> int:
-    if not _is_int(value) or not 1 <= int(value) <= _MAX_SIZE:  # type: ignore[call-overload]
-        raise VelcroError(f"{option} must be a size in pixels from 1 to {_MAX_SIZE}, got "
+    if not _is_int(value) or not 1 <= int(value) <= MAX_IMAGE_SIDE:  # type: ignore[call-overload]
+        raise VelcroError(f"{option} must be a size in pixels from 1 to {MAX_IMAGE_SIDE}, got "
                           f"{value!r}")
     return int(value)  # type: ignore[call-overload]
 

@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from velcro._format import plural
 from velcro._io import write_text_atomic
 from velcro._validate import MAX_SPLIT_BYTES, Fields, read_json, show
 from velcro.errors import VelcroError
@@ -68,7 +69,8 @@ def split(
     fractions = dict(DEFAULT_FRACTIONS if fractions is None else fractions)
     rest = _check_fractions(fractions)
     if labels is not None and len(labels) != len(items):
-        raise VelcroError(f"got {len(labels)} labels for {len(items)} items; give one per item")
+        raise VelcroError(f"got {plural(len(labels), 'label')} for {plural(len(items), 'item')}; "
+                          "give one per item")
     total = len(items)
     order = _stratified_order(total, labels, seed)
     counts = {name: (max(1, round(f * total)) if f else 0)
@@ -76,7 +78,7 @@ def split(
     remainder = total - sum(counts.values())
     if remainder < 1:
         raise VelcroError(
-            f"cannot split {total} images into {', '.join(fractions)} with fractions "
+            f"cannot split {plural(total, 'image')} into {', '.join(fractions)} with fractions "
             f"{_describe(fractions)}: a set would be empty; add images or change the fractions"
         )
     counts[rest] = remainder
@@ -159,6 +161,8 @@ class Split:
 
     Example:
         >>> s = Split.load("cats.split.json")
+        >>> s
+        Split of 'imagenet/val' (seed 0): 5 calibration, 245 validation images
         >>> len(s.sets["calibration"]), len(s.sets["validation"])
         (5, 245)
     """
@@ -169,9 +173,27 @@ class Split:
     fractions: dict[str, float | None] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        sets = [f"{len(items):,} {name}" for name, items in self.sets.items()]
+        total = sum(len(items) for items in self.sets.values())
+        noun = plural(total, "image").split(" ", 1)[1]
+        return f"Split of '{self.root}' (seed {self.seed}): {', '.join(sets)} {noun}"
+
     def counts(self) -> dict[str, int]:
         """Number of images in each set."""
         return {name: len(items) for name, items in self.sets.items()}
+
+    def to_dict(self) -> dict:
+        """Everything :meth:`save` writes, as plain data (JSON-ready).
+
+        Example:
+            >>> split.to_dict()["counts"]
+            {'calibration': 5, 'validation': 245}
+        """
+        return {"format": FORMAT, "root": self.root, "seed": self.seed,
+                "fractions": self.fractions, "counts": self.counts(), "info": self.info,
+                "sets": {name: [[path, int(label)] for path, label in items]
+                         for name, items in self.sets.items()}}
 
     def __getitem__(self, name: str) -> list[tuple[str, int]]:
         try:
@@ -182,15 +204,13 @@ class Split:
             ) from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the split as JSON (atomically): one line per image."""
-        document = {
-            "format": FORMAT,
-            "root": self.root,
-            "seed": self.seed,
-            "fractions": self.fractions,
-            "counts": self.counts(),
-            "info": self.info,
-        }
+        """Write the split as JSON (atomically): one line per image.
+
+        Example:
+            >>> split.save("cats.split.json")
+        """
+        document = self.to_dict()
+        del document["sets"]
         head = json.dumps(document, indent=1)[:-2]
         bodies = []
         for name, items in self.sets.items():
@@ -234,7 +254,7 @@ class Split:
         for name, value in counts.items():
             if name not in sets or value != len(sets[name]):
                 raise fields.error(f"counts.{name}", f"is {show(value)}, but the set lists "
-                                   f"{len(sets.get(name, []))} images")
+                                   f"{plural(len(sets.get(name, [])), 'image')}")
         fractions = fields.dict(document, "fractions", default={})
         for name in fractions:
             fields.optional(fields.number, fractions, name, "fractions", low=0.0, high=1.0)

@@ -1,9 +1,9 @@
-"""Specialized tasks: named sets of ImageNet-1k class indices, and ``--classes`` parsing.
+"""Specialized tasks: named sets of class indices (ImageNet-1k, CIFAR-10), ``--classes`` parsing.
 
-Class indices are those of torchvision's (and Keras') ImageNet-1k models, i.e. the
+ImageNet class indices are those of torchvision's (and Keras') ImageNet-1k models, i.e. the
 position of the class's WordNet id in the sorted list of the 1000 ILSVRC-2012 wnids.
 
-Presets:
+ImageNet presets:
 
 - ``cats``: 281-285, the domestic cats: tabby (n02123045), tiger cat (n02123159),
   Persian (n02123394), Siamese (n02123597), Egyptian cat (n02124075). The wild cats
@@ -18,6 +18,13 @@ Presets:
   864 tow truck (trucks in WordNet), 654 minibus and the buses, 573 go-kart, 575 golf cart,
   and the car parts 479 car wheel, 581 grille, 475 car mirror. Give ``--classes`` for any
   other choice (e.g. ``--classes 436,468,511,609,627,656,717,751,817``).
+
+CIFAR-10 presets (class order of its ``classes.txt``: 0 airplane, 1 automobile, 2 bird, 3 cat,
+4 deer, 5 dog, 6 frog, 7 horse, 8 ship, 9 truck), the tasks of the papers' CIFAR experiments:
+
+- ``cifar-cats-dogs``: 3 cat, 5 dog.
+- ``cifar-vehicles``: 0 airplane, 1 automobile, 8 ship, 9 truck.
+- ``cifar-animals``: 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse.
 """
 
 from __future__ import annotations
@@ -25,12 +32,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from velcro._format import plural
 from velcro.errors import VelcroError
+
+# More classes than any classifier head has (ImageNet-21k has 21,843): a class index or range
+# beyond it is a typo, and is refused before a range is expanded into a set of integers.
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
 class Task:
-    """A specialized task: a name and the class indices whose images it holds."""
+    """A specialized task: a name and the class indices whose images it holds.
+
+    Example:
+        >>> task = get_task("cats")
+        >>> task.name, task.classes
+        ('cats', (281, 282, 283, 284, 285))
+    """
 
     name: str
     classes: tuple[int, ...]
@@ -44,6 +62,11 @@ TASKS: dict[str, Task] = {
     "cars": Task("cars", (407, 436, 468, 511, 609, 627, 656, 661, 751, 817),
                  "ImageNet classes under WordNet's car/automobile: ambulance, beach wagon, "
                  "cab, convertible, jeep, limousine, minivan, Model T, racer, sports car"),
+    "cifar-cats-dogs": Task("cifar-cats-dogs", (3, 5), "CIFAR-10 cat and dog"),
+    "cifar-vehicles": Task("cifar-vehicles", (0, 1, 8, 9),
+                           "CIFAR-10 airplane, automobile, ship, truck"),
+    "cifar-animals": Task("cifar-animals", (2, 3, 4, 5, 6, 7),
+                          "CIFAR-10 bird, cat, deer, dog, frog, horse"),
 }
 
 
@@ -51,7 +74,8 @@ def get_task(name: str) -> Task:
     """The preset task called ``name``.
 
     Args:
-        name: ``cats``, ``dogs`` or ``cars``.
+        name: ``cats``, ``dogs`` or ``cars`` (ImageNet), ``cifar-cats-dogs``,
+            ``cifar-vehicles`` or ``cifar-animals`` (CIFAR-10).
 
     Raises:
         VelcroError: unknown name.
@@ -110,14 +134,19 @@ def parse_classes(text: str, class_list: Sequence[str] | None = None) -> list[in
                 f"--classes: '{token}' is not a valid index or range; indices are >= 0 and "
                 "ranges go low-high"
             )
-        classes.update(range(first, last + 1))
-    if class_list:
-        outside = sorted(c for c in classes if c >= len(class_list))
-        if outside:
+        # checked before the range is expanded: 0-99999999999 would not fit in memory
+        if class_list and last >= len(class_list):
             raise VelcroError(
-                f"--classes: class {outside[0]} is out of range for the class list of "
-                f"{len(class_list)} classes; give indices below {len(class_list)}"
+                f"--classes: class {max(first, len(class_list))} is out of range for the class "
+                f"list of {plural(len(class_list), 'class', 'classes')}; give indices below "
+                f"{len(class_list)}"
             )
+        if last >= MAX_CLASSES:
+            raise VelcroError(
+                f"--classes: '{token}' goes beyond class {MAX_CLASSES - 1}, more classes than "
+                "any model has; give the task's class indices"
+            )
+        classes.update(range(first, last + 1))
     return sorted(classes)
 
 
@@ -136,6 +165,10 @@ def resolve_task(
     Returns:
         ``(name, classes)``; ``(None, None)`` when neither is given (every class).
 
+    Raises:
+        VelcroError: both given, unknown names or classes, or a single class (a constant
+            model reaches its top-1, so "no loss" would mean nothing).
+
     Example:
         >>> resolve_task("cats")
         ('cats', [281, 282, 283, 284, 285])
@@ -149,8 +182,17 @@ def resolve_task(
     if classes is None:
         return None, None
     if isinstance(classes, str):
-        return "custom", parse_classes(classes, class_list)
-    values = sorted({int(c) for c in classes})
-    if not values or values[0] < 0:
-        raise VelcroError("classes must be a non-empty set of indices >= 0")
+        values = parse_classes(classes, class_list)
+    else:
+        values = sorted({int(c) for c in classes})
+        if not values or values[0] < 0:
+            raise VelcroError("classes must be a non-empty set of indices >= 0")
+    if len(values) == 1:
+        # a constant model predicting that class reaches 100% top-1: "no accuracy loss"
+        # would hold for any compression, so the task says nothing about the plan
+        raise VelcroError(
+            f"--classes: a task with a single class ({values[0]}) is refused: a constant "
+            "model reaches its top-1, so 'no accuracy loss' means nothing; give at least two "
+            "classes"
+        )
     return "custom", values

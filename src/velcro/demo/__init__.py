@@ -8,7 +8,8 @@ then, for a task such as the digits 3 and 8:
    search split; the task's test images (never trained on, never searched on) are the
    held-out validation set;
 2. calibrate on the calibration images;
-3. search element (VELCRO) and channel (S-VELCRO) plans at no accuracy loss on the search split;
+3. search element (VELCRO) and channel (S-VELCRO) plans within the default guard on the
+   search split (a held-back part of it checks them);
 4. trim the channel plan into a smaller dense model;
 5. evaluate the original, the element plan, the channel plan and the trimmed model on the
    held-out images, count MACs and parameters, time original against trimmed.
@@ -35,7 +36,8 @@ from pathlib import Path
 
 from torch import nn
 
-from velcro._io import write_text_atomic
+from velcro._format import objective_label, percent, plural
+from velcro._io import atomic_group, folder_problem, write_text_atomic
 from velcro.apply import apply
 from velcro.calibrate import calibrate
 from velcro.cost import cost
@@ -46,6 +48,7 @@ from velcro.errors import VelcroError
 from velcro.evaluate import Report, evaluate
 from velcro.plan import Plan
 from velcro.report import measure_costs, write_report
+from velcro.report._timing import latency_ms
 from velcro.search import SearchResult, SearchSchedule, search
 from velcro.stats import Stats
 from velcro.trim import trim
@@ -57,6 +60,12 @@ CALIBRATION_FRACTION = 0.2
 # evaluations per granularity, so that the demo runs in well under a minute from the cache.
 SCHEDULE = SearchSchedule(levels=4, refine_rounds=1)
 LATENCY_BATCH = 32
+# what the demo writes into its output folder
+OUTPUT_FILES = tuple(
+    f"{granularity}.{suffix}" for granularity in ("element", "channel")
+    for suffix in ("plan.json", "plan.json.safetensors", "search.json", "report.html",
+                   "report.md")
+) + ("table.txt", "results.json")
 
 
 @dataclass
@@ -80,6 +89,12 @@ class DemoResult:
             trimmed channel plan), as :func:`velcro.report.measure_costs` gives them.
         seconds: wall time per stage.
         files: files written to the output folder.
+
+    Example:
+        >>> result = run_demo(out_dir=None)
+        >>> result
+        DemoResult: digits 3,8, seed 0; 107 held-out test images
+          original 97.20%; element plan C 48.48%: 96.26%; channel plan C 29.35%, trimmed: 96.26%
     """
 
     task: tuple[int, ...]
@@ -96,20 +111,50 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        element, channel = self.searches["element"], self.searches["channel"]
+        accuracy = {name: percent(report.accuracy) for name, report in self.reports.items()}
+        return (f"DemoResult: digits {','.join(map(str, self.task))}, seed {self.seed}; "
+                f"{plural(self.images['test'], 'held-out test image')}\n"
+                f"  original {accuracy['original']}; element plan C "
+                f"{percent(element.saving_ratio)}: {accuracy['element']}; channel plan C "
+                f"{percent(channel.saving_ratio)}, trimmed: {accuracy['trimmed']}")
+
     @property
     def plans(self) -> dict[str, Plan]:
+        """The ``element`` and ``channel`` plans the searches found."""
         return {granularity: found.plan for granularity, found in self.searches.items()}
 
     def table(self) -> str:
-        """A plain-text table: C, MACs and parameters saved, latency, accuracy with 95% CI."""
+        """A plain-text table: C, MACs and parameters saved, latency, accuracy with 95% CI,
+        and below it what the figures are (which MACs are saved, the latency's batch and
+        runs, the channel search's objective beside the MACs the trimmed model saves).
+
+        Example:
+            >>> print(run_demo(out_dir=None).table())
+        """
         source = "from cache" if self.from_cache else f"trained in {self.seconds['model']:.0f} s"
         head = (
             f"velcro demo: digits {','.join(map(str, self.task))} | ResNet-18 on 32x32 digits, "
             f"seed {self.seed}, {source}, {100 * self.model_accuracy:.1f}% on all ten digits\n"
-            f"images: {self.images['calibration']} calibration, {self.images['search']} search, "
-            f"{self.images['test']} held-out test; top-1 over all 10 classes\n"
+            f"the task's {plural(sum(self.images.values()), 'image')}: "
+            f"{self.images['calibration']} for calibration, {self.images['search']} for the "
+            f"search, {self.images['test']} held out for the test; top-1 over all 10 classes\n"
         )
-        return head + parts.format_table(self.rows)
+        channel = self.searches["channel"]
+        costs = self.costs["channel"]
+        saved = 1 - costs["compressed"]["macs"] / costs["original"]["macs"]
+        latency = costs["latency_ms"]
+        notes = [
+            "* MACs that hardware skipping single outputs would save; run densely (velcro.apply)"
+            " an element plan saves none.",
+            f"latency: ms per batch of {plural(latency['batch'], 'image')}, median [interquartile "
+            f"range] of {plural(latency['runs'], 'interleaved run')}.",
+            f"channel search objective: {objective_label(channel.objective)} "
+            f"{percent(channel.objective_value)}; MACs the trimmed model saves (counted on it): "
+            f"{percent(saved)}.",
+        ]
+        return head + parts.format_table(self.rows) + "\n" + "\n".join(notes)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (search trajectories left out; see the search files)."""
@@ -135,12 +180,13 @@ class DemoResult:
 
 
 def _search(model: nn.Module, stats, data, granularity: str, budget: int | None,
-            schedule: SearchSchedule, progress: bool) -> SearchResult:
-    """The most saving plan at no accuracy loss on ``data``: C for element plans, MACs for
-    channel plans (those are trimmed, so their MACs are really saved)."""
+            schedule: SearchSchedule, progress: bool, options: dict) -> SearchResult:
+    """The most saving plan the default guard accepts on ``data`` (and its held-back check):
+    C for element plans, MACs for channel plans (those are trimmed, so their MACs are really
+    saved)."""
     objective = "saving_ratio" if granularity == "element" else "macs"
     return search(model, stats, data, granularity=granularity, objective=objective,
-                  tolerance=0.0, budget=budget, schedule=schedule, progress=progress)
+                  budget=budget, schedule=schedule, progress=progress, **options)
 
 
 def run_demo(
@@ -156,6 +202,7 @@ def run_demo(
     schedule: SearchSchedule | None = None,
     calibration_fraction: float = CALIBRATION_FRACTION,
     latency_repeats: int = 21,
+    search_options: dict | None = None,
 ) -> DemoResult:
     """Train (or load) the digits model, compress it for ``task`` and measure the result.
 
@@ -171,6 +218,8 @@ def run_demo(
         progress: show progress bars and stage lines on stderr.
         recipe: training recipe (tests use a tiny one).
         schedule: the search schedule (default :data:`SCHEDULE`).
+        search_options: :func:`velcro.search`'s criterion, tolerance, confidence and
+            check_fraction (default: its defaults).
         calibration_fraction: share of the task's training images used for calibration.
         latency_repeats: interleaved timing runs per model (the median is reported).
 
@@ -188,6 +237,8 @@ def run_demo(
                           "e.g. --task 3,8")
     if budget is not None and budget < 1:
         raise VelcroError(f"budget {budget} is too small; allow at least one evaluation")
+    if out_dir is not None and (problem := folder_problem(out_dir)) is not None:
+        raise VelcroError(f"output folder: {problem}")  # now, not after minutes of work
     recipe = recipe or Recipe()
 
     def say(text: str) -> None:
@@ -201,6 +252,8 @@ def run_demo(
                             use_cache=use_cache, progress=progress)
     model = trained.model
     seconds["model"] = time.perf_counter() - clock
+    if trained.cache_problem is not None:
+        say(f"the cached model was unusable ({trained.cache_problem}); trained it again")
     say(("loaded " if trained.from_cache else "trained and cached ") + str(trained.path))
 
     task_train = digits.select(split.train, task)
@@ -218,10 +271,10 @@ def run_demo(
 
     searches = {}
     for granularity in ("element", "channel"):
-        say(f"searching {granularity} thresholds at no accuracy loss on the search split")
+        say(f"searching {granularity} thresholds on the search split (default guard and check)")
         clock = time.perf_counter()
         searches[granularity] = _search(model, stats, search_data, granularity, budget,
-                                        schedule or SCHEDULE, progress)
+                                        schedule or SCHEDULE, progress, search_options or {})
         seconds[f"search_{granularity}"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -245,29 +298,35 @@ def run_demo(
     savings = {"original": base_cost.reduction(base_cost),
                "trimmed": base_cost.reduction(trimmed_cost)}
     batch = test_set.tensors[0][:LATENCY_BATCH]
-    latency = parts.latency_ms({k: variants[k] for k in ("original", "trimmed")}, batch,
-                               repeats=latency_repeats)
+    latency = latency_ms({k: variants[k] for k in ("original", "trimmed")}, batch,
+                         repeats=latency_repeats)
     costs = {
         "channel": {
             "original": {"macs": base_cost.macs, "parameters": base_cost.parameters},
             "compressed": {"macs": trimmed_cost.macs, "parameters": trimmed_cost.parameters},
+            "saved_by": "trimmed model",
             "latency_ms": {"original": latency["original"], "compressed": latency["trimmed"],
-                           "batch": len(batch)},
-            "method": "trimmed model (velcro.trim), counted by velcro.cost; latency is the "
-                      "median of interleaved runs",
+                           "batch": latency["batch"], "runs": latency["runs"],
+                           "spread": {"original": latency["spread"]["original"],
+                                      "compressed": latency["spread"]["trimmed"]}},
+            "method": "trimmed model (velcro.trim), counted by velcro.cost",
         },
         "element": measure_costs(model, searches["element"].plan, example, latency=False),
     }
+    element = costs["element"]
+    savings["element"] = {"macs": 1 - element["compressed"]["macs"] / element["original"]["macs"],
+                          "parameters": 0.0}
     seconds["cost_and_latency"] = time.perf_counter() - clock
 
-    rows = [_row("original", 0.0, savings["original"], latency["original"],
+    rows = [_row("original", 0.0, savings["original"], latency["spread"]["original"],
                  searches["channel"].baseline_accuracy, reports["original"])]
     for name, label in (("element", "element plan (VELCRO)"),
                         ("channel", "channel plan (S-VELCRO)"),
                         ("trimmed", "channel plan, trimmed")):
         found = searches["element" if name == "element" else "channel"]
-        rows.append(_row(label, found.saving_ratio, savings.get(name), latency.get(name),
-                         found.search_accuracy, reports[name]))
+        rows.append(_row(label, found.saving_ratio, savings.get(name),
+                         latency["spread"].get(name), found.search_accuracy, reports[name]))
+    rows[1]["macs_saved_by"] = "skipping hardware"
 
     result = DemoResult(
         task, seed, trained.from_cache, trained.path, trained.test_accuracy,
@@ -276,19 +335,22 @@ def run_demo(
     )
     if out_dir is not None:
         clock = time.perf_counter()
-        result.files = _write(result, Path(out_dir))
+        with atomic_group():  # every result file, or none
+            result.files = _write(result, Path(out_dir))
         seconds["write"] = time.perf_counter() - clock
     return result
 
 
-def _row(label: str, saving_ratio: float, saved: dict | None, latency: float | None,
+def _row(label: str, saving_ratio: float, saved: dict | None, latency: dict | None,
          search_accuracy: float, report: Report) -> dict:
     return {
         "model": label,
         "saving_ratio": saving_ratio,
         "macs_saved": saved["macs"] if saved else None,
+        "macs_saved_by": "model" if saved else None,
         "parameters_saved": saved["parameters"] if saved else None,
-        "latency_ms": latency,
+        "latency_ms": latency["median"] if latency else None,
+        "latency": latency,
         "search_accuracy": search_accuracy,
         "accuracy": report.accuracy,
         "ci95": list(report.ci95),

@@ -1,13 +1,8 @@
-"""Pieces of the digits demo: data loaders, latency timing, the results table."""
+"""Pieces of the digits demo: data loaders and the results table."""
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Mapping
-
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -20,26 +15,6 @@ def subset(dataset: TensorDataset, indices: torch.Tensor) -> TensorDataset:
     return TensorDataset(*(t[indices] for t in dataset.tensors))
 
 
-@torch.no_grad()
-def latency_ms(models: Mapping[str, nn.Module], batch: torch.Tensor, *,
-               repeats: int = 15, warmup: int = 3) -> dict[str, float]:
-    """Median wall time of one forward pass per model, runs interleaved model by model.
-
-    Interleaving spreads any slowdown of a loaded machine over all models alike.
-    """
-    for model in models.values():
-        model.eval()
-        for _ in range(warmup):
-            model(batch)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(batch)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def _percent(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}%"
 
@@ -47,11 +22,11 @@ def _percent(value: float | None, digits: int = 1) -> str:
 def format_table(rows: list[dict]) -> str:
     """The demo's results as an aligned plain-text table, one row per model variant.
 
-    Each row has ``model``, ``saving_ratio``, ``macs_saved``, ``parameters_saved``,
-    ``latency_ms``, ``search_accuracy``, ``accuracy`` and ``ci95`` (None where it does
-    not apply).
+    Each row has ``model``, ``saving_ratio``, ``macs_saved`` (``macs_saved_by``: ``skipping
+    hardware`` marks it with ``*``), ``parameters_saved``, ``latency`` (median, q1, q3),
+    ``search_accuracy``, ``accuracy`` and ``ci95`` (None where it does not apply).
     """
-    header = ["model", "C", "MACs saved", "params saved", "latency ms",
+    header = ["model", "C", "MACs saved", "params saved", "latency ms [IQR]",
               "search acc", "test accuracy (95% CI)"]
     lines = []
     for row in rows:
@@ -59,13 +34,17 @@ def format_table(rows: list[dict]) -> str:
         accuracy = _percent(row.get("accuracy"))
         if ci is not None:
             accuracy += f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
-        latency = row.get("latency_ms")
+        latency = row.get("latency")
+        macs = _percent(row.get("macs_saved"))
+        if row.get("macs_saved_by") == "skipping hardware":
+            macs += "*"
         lines.append([
             row["model"],
             _percent(row.get("saving_ratio")),
-            _percent(row.get("macs_saved")),
+            macs,
             _percent(row.get("parameters_saved")),
-            "-" if latency is None else f"{latency:.2f}",
+            "-" if not latency else
+            f"{latency['median']:.2f} [{latency['q1']:.2f}-{latency['q3']:.2f}]",
             _percent(row.get("search_accuracy")),
             accuracy,
         ])

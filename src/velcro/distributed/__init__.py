@@ -61,6 +61,9 @@ def run_together(group: dist.ProcessGroup, work: Callable[[], T]) -> T:
     """Run ``work`` on every rank; if it fails on any, raise on all (nobody is left waiting).
 
     The failing rank re-raises its own exception; the others raise a VelcroError naming it.
+
+    Example:
+        >>> stats = run_together(group, lambda: velcro.calibrate(model, loader, group=group))
     """
     try:
         result, error = work(), None
@@ -90,6 +93,11 @@ def merge_moments(parts: list[tuple], channel_axis: int = 0) -> SiteStats:
 
     The same parts in the same order give the same bits, which is what lets every rank end
     with identical statistics.
+
+    Example:
+        >>> site = merge_moments([(n_a, mean_a, m2_a), (n_b, mean_b, m2_b)])
+        >>> site.count == n_a + n_b
+        True
     """
     merged = SiteStats(0, torch.zeros(0, dtype=torch.float64),
                        torch.zeros(0, dtype=torch.float64), channel_axis)
@@ -201,6 +209,9 @@ def gather_in_order(positions: torch.Tensor, columns: list[torch.Tensor],
     Returns:
         Each column over all ranks' images, ordered by global position, as int64. Every
         rank gets the same. Raises VelcroError unless the positions are 0..N-1, each once.
+
+    Example:
+        >>> hits, labels = gather_in_order(positions, [my_hits, my_labels], group)
     """
     images = int(positions.numel())
     local = torch.stack([positions.to(torch.int64)] + [c.to(torch.int64) for c in columns])
@@ -224,7 +235,12 @@ def gather_in_order(positions: torch.Tensor, columns: list[torch.Tensor],
 
 
 def batch_positions(starts: list[int], sizes: list[int]) -> torch.Tensor:
-    """Global positions of the images of batches starting at ``starts`` with ``sizes``."""
+    """Global positions of the images of batches starting at ``starts`` with ``sizes``.
+
+    Example:
+        >>> batch_positions([0, 64], [2, 3])
+        tensor([ 0,  1, 64, 65, 66])
+    """
     if not starts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat([torch.arange(start, start + size, dtype=torch.int64)

@@ -78,7 +78,12 @@ def _stop_default_group() -> None:
 
 def rank(group: dist.ProcessGroup | None = None) -> int:
     """This process's rank in ``group`` (0 when not distributed, or torchrun's RANK before
-    the group is started)."""
+    the group is started).
+
+    Example:
+        >>> rank()  # outside torchrun
+        0
+    """
     if group is not None:
         return dist.get_rank(group)
     if dist.is_available() and dist.is_initialized():
@@ -87,7 +92,12 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
-    """Number of processes in ``group`` (1 when not distributed)."""
+    """Number of processes in ``group`` (1 when not distributed).
+
+    Example:
+        >>> world_size()  # outside torchrun
+        1
+    """
     if group is not None:
         return dist.get_world_size(group)
     if dist.is_available() and dist.is_initialized():

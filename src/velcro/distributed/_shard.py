@@ -74,6 +74,13 @@ class Shard:
             loaders), else None.
         starts: the global position (in the single-process order) of the first image of each
             batch yielded so far; evaluation uses it to put per-image results back in order.
+
+    Example:
+        >>> mine = shard(loader, group)  # this rank's batches
+        >>> for images, labels in mine:
+        ...     pass
+        >>> mine.starts[:2]
+        [0, 64]
     """
 
     def __init__(self, batches: Iterable, images: int | None, starts: list[int] | None,

@@ -64,6 +64,11 @@ class Site:
             function (``F.conv2d``) when the producer is functional.
         channel_axis: the channel axis of the per-image activation (batch axis removed):
             0 after a convolution, the last axis after a linear layer.
+
+    Example:
+        >>> site = velcro.find_sites(velcro.trace(velcro.models.resnet18()))[0]
+        >>> site.name, site.kind, site.producer
+        ('relu', 'relu', 'conv1')
     """
 
     name: str
@@ -173,7 +178,13 @@ def _is_linear(gm: fx.GraphModule, producer: str) -> bool:
 
 
 def site_nodes(gm: fx.GraphModule, sites: list[Site]) -> dict[str, fx.Node]:
-    """Map site name -> its node in ``gm``."""
+    """Map site name -> its node in ``gm``.
+
+    Example:
+        >>> gm = trace(velcro.models.resnet18())
+        >>> site_nodes(gm, find_sites(gm))["layer1.0.relu:0"].op
+        'call_module'
+    """
     by_name = {node.name: node for node in gm.graph.nodes}
     return {site.name: by_name[site.node] for site in sites}
 
@@ -185,6 +196,11 @@ def insert_after_sites(
 
     The modules are registered as ``{prefix}_{i}`` submodules of ``gm``. This is the one
     graph rewrite that calibration and ``apply`` share.
+
+    Example:
+        >>> gm = trace(model)
+        >>> sites = find_sites(gm)
+        >>> gm = insert_after_sites(gm, sites, {s.name: nn.Identity() for s in sites}, "probe")
     """
     nodes = site_nodes(gm, sites)
     for index, site in enumerate(sites):

@@ -57,6 +57,9 @@ from velcro.graph import find_sites, trace
 from velcro.graph.layers import producer_nodes, weight_shape
 from velcro.plan import Plan
 
+__all__ = ["SCHEDULES", "HardwareConfig", "LayerCost", "LayerShape", "ModelCost", "conv_layer",
+           "estimate", "layer_shapes"]
+
 SCHEDULES = ("balanced", "channels")
 
 
@@ -81,6 +84,10 @@ class HardwareConfig:
         layer_overhead_cycles: fixed cycles per layer tile (pipeline fill, weight load).
         static_power_w: static power, paid for the layer's duration.
         schedule: ``balanced`` or ``channels`` (see the module docstring).
+
+    Example:
+        >>> config = HardwareConfig(modules=32, schedule="channels")
+        >>> estimate(layer_shapes(model, (3, 224, 224)), plan, config).images_per_second
     """
 
     input_size: int = 64
@@ -127,6 +134,11 @@ class LayerShape:
         input_elements: elements of the layer's input.
         weight_elements: elements of the layer's weight.
         channel_axis: the channel axis of ``output_shape``.
+
+    Example:
+        >>> shape = layer_shapes(velcro.models.resnet18(), (3, 224, 224))["layer1.0.relu:0"]
+        >>> shape.output_shape, shape.macs_per_output
+        ((64, 56, 56), 576)
     """
 
     name: str
@@ -138,6 +150,7 @@ class LayerShape:
 
     @property
     def outputs(self) -> int:
+        """Output elements of the layer per image."""
         return math.prod(self.output_shape)
 
 
@@ -196,6 +209,10 @@ class LayerCost:
         cycles: layer duration in cycles (all modules working in parallel).
         energy_pj: total energy; ``energy_parts`` breaks it down (compute, skip, mask,
             load, static).
+
+    Example:
+        >>> layer = estimate(layer_shapes(model, (3, 224, 224)), plan).layers[0]
+        >>> layer.name, layer.computed / layer.outputs
     """
 
     name: str
@@ -208,6 +225,7 @@ class LayerCost:
 
     @property
     def saving_ratio(self) -> float:
+        """Share of the layer's outputs not computed."""
         return 1.0 - self.computed / self.outputs if self.outputs else 0.0
 
 
@@ -226,18 +244,22 @@ class ModelCost:
 
     @property
     def cycles(self) -> float:
+        """Cycles of one image through every layer."""
         return sum(layer.cycles for layer in self.layers)
 
     @property
     def seconds(self) -> float:
+        """Seconds per image at the configured clock."""
         return self.cycles / (self.config.clock_mhz * 1e6)
 
     @property
     def images_per_second(self) -> float:
+        """Throughput: images per second."""
         return 1.0 / self.seconds if self.seconds else math.inf
 
     @property
     def energy_uj(self) -> float:
+        """Energy per image in microjoules."""
         return sum(layer.energy_pj for layer in self.layers) * 1e-6
 
     @property

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +26,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.apply import apply
+from velcro._globals import torch_threads_kept
 from velcro.errors import VelcroError
 from velcro.graph import trace
 from velcro.graph.layers import SiteLayer, batchnorm_affine, site_layers
 from velcro.hardware import _skipconv
+from velcro.hardware._layer_io import LayerIO, layer_io
 from velcro.plan import Plan
+
+__all__ = ["BACKENDS", "ConvSite", "LayerIO", "SkippingConv", "activation_function", "conv_sites",
+           "layer_io", "skip_conv2d"]
 
 BACKENDS = ("auto", "numba", "torch")
 # Output positions per tile of the numba kernel: a tile's input band (3 rows x 34 columns x
@@ -74,7 +77,12 @@ def _padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def activation_function(kind: str):
-    """The torch function of an activation kind (``relu``, ``gelu_tanh``, ...)."""
+    """The torch function of an activation kind (``relu``, ``gelu_tanh``, ...).
+
+    Example:
+        >>> activation_function("relu")(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
     table = {
         "identity": lambda v: v, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
         "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
@@ -198,7 +206,8 @@ class SkippingConv:
                               f"mask's spatial shape {self.out_shape[1:]}")
         with torch.no_grad():
             if self._uses_numba(x):
-                out = self._numba(x, residual)
+                with torch_threads_kept():  # numba's OpenMP start-up resets torch's count
+                    out = self._numba(x, residual)
             else:
                 out = self._torch(x, residual)
         return out
@@ -278,6 +287,10 @@ class ConvSite:
     Attributes:
         layer: the site's producer, batch-norm, residual and activation nodes.
         kernel: the prepared skipping layer (mask and constants from the plan).
+
+    Example:
+        >>> sites = conv_sites(model, plan)
+        >>> output = sites["layer1.0.relu:0"].kernel(x)
     """
 
     layer: SiteLayer
@@ -326,60 +339,3 @@ def _target(gm: fx.GraphModule, node_name: str) -> str:
                 return ""
             return node.target
     raise KeyError(node_name)
-
-
-@dataclass
-class LayerIO:
-    """What one site's layer sees and yields inside ``velcro.apply(model, plan)``."""
-
-    input: torch.Tensor
-    residual: torch.Tensor | None
-    output: torch.Tensor
-
-
-class _Capture(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, wanted: set[str]) -> None:
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, node: fx.Node):
-        value = super().run_node(node)
-        if node.name in self.wanted:  # clone: later in-place ops must not change it
-            self.values[node.name] = value.detach().clone()
-        return value
-
-
-def layer_io(model: nn.Module, plan: Plan, images: torch.Tensor,
-             sites: Iterable[str] | None = None) -> dict[str, LayerIO]:
-    """Each conv site's input, residual and reference output inside ``apply(model, plan)``.
-
-    Args:
-        model: the model the plan was made for.
-        plan: the plan; the reference output is the site's output after constant replacement.
-        images: one input batch.
-        sites: the site names to capture (default: every site :func:`conv_sites` can run).
-
-    Example:
-        >>> io = layer_io(model, plan, images)["layer1.0.relu:0"]
-        >>> torch.testing.assert_close(kernels["layer1.0.relu:0"].kernel(io.input), io.output)
-    """
-    applied = apply(model, plan, check=False)
-    layers = site_layers(applied)
-    names = list(sites) if sites is not None else list(layers)
-    by_name = {node.name: node for node in applied.graph.nodes}
-    plan_nodes = {}
-    for name in names:
-        layer = layers[name]
-        act = by_name[layer.activation]
-        replaced = [u for u in act.users if u.op == "call_module"
-                    and u.target.startswith("velcro_constant")]
-        producer = by_name[layer.producer]
-        plan_nodes[name] = (producer.args[0].name, layer.residual,
-                            replaced[0].name if replaced else act.name)
-    wanted = {n for triple in plan_nodes.values() for n in triple if n is not None}
-    capture = _Capture(applied, wanted)
-    with torch.no_grad():
-        capture.run(images)
-    values = capture.values
-    return {name: LayerIO(values[x], values[r] if r else None, values[y])
-            for name, (x, r, y) in plan_nodes.items()}

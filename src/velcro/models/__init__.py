@@ -58,6 +58,7 @@ __all__ = [
     "googlenet",
     "load_weights",
     "mobilenet_v2",
+    "num_classes_for",
     "preprocess_for",
     "read_state_dict",
     "register",
@@ -129,6 +130,21 @@ def preprocess_for(name: str) -> Preprocess:
     """
     _known(name)
     return _PREPROCESS[name]
+
+
+def num_classes_for(name: str) -> int:
+    """The head size registered model ``name`` is built with when :func:`create` is given
+    none (the classes of its pretrained weights).
+
+    Raises:
+        VelcroError: unknown name.
+
+    Example:
+        >>> num_classes_for("cifar_resnet56"), num_classes_for("efficientnet_lite0")
+        (10, 1000)
+    """
+    _known(name)
+    return _NUM_CLASSES[name]
 
 
 def available() -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
-from velcro.report._tables import Table
+from velcro.report._tables import Table, tone_class
 
 CSS = """
 :root { --ink: #1d2430; --muted: #5d6675; --rule: #d9dee6; --accent: #1f5fa8; }
@@ -38,6 +38,10 @@ figcaption { color: var(--muted); font-size: 13px; }
 .scroll { max-height: 420px; overflow-y: auto; border: 1px solid var(--rule); }
 .scroll table { margin: 0; width: 100%; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+.down, .card .value.down { color: #b42318; }
+.down::before { content: "\\25BC\\00A0"; font-size: .8em; }
+.up, .card .value.up { color: #067647; }
+.up::before { content: "\\25B2\\00A0"; font-size: .8em; }
 """
 
 
@@ -58,7 +62,7 @@ def page(title: str, subtitle: str, cards: list[tuple[str, str]],
     ]
     for label, value in cards:
         out.append(f'<div class="card"><div class="label">{html.escape(label)}</div>'
-                   f'<div class="value">{html.escape(value)}</div></div>')
+                   f'<div class="value{tone_class(value)}">{html.escape(value)}</div></div>')
     out.append("</div>")
     for heading, parts in sections:
         out.append(f"<section><h2>{html.escape(heading)}</h2>")
@@ -72,7 +76,7 @@ def page(title: str, subtitle: str, cards: list[tuple[str, str]],
             elif part[0] == "scroll":
                 out.append(f'<div class="scroll">{part[1].html()}</div>')
             elif part[0] == "note":
-                out.append(f'<p class="note">{html.escape(part[1])}</p>')
+                out.append(f'<p class="note{tone_class(part[1])}">{html.escape(part[1])}</p>')
         out.append("</section>")
     out.append(f"<footer>{html.escape(footer)}</footer></main></body></html>")
     return "\n".join(out) + "\n"

@@ -115,25 +115,3 @@ def variance_boxes(variances: dict[str, torch.Tensor]) -> bytes:
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return _png(figure)
-
-
-def trajectory_figure(trajectory: list[dict], baseline_accuracy: float,
-                      tolerance: float) -> bytes:
-    """The search's candidates: search accuracy against C, feasible ones highlighted."""
-    figure = _figure(6.4, 3.8)
-    axes = figure.add_subplot(1, 1, 1)
-    rows = [r for r in trajectory if r["phase"] != "baseline"]
-    for feasible, colour, label in ((False, "#bbbbbb", "infeasible"),
-                                    (True, COLOURS["element"], "feasible")):
-        chosen = [r for r in rows if r["feasible"] == feasible]
-        axes.scatter([100 * r["saving_ratio"] for r in chosen],
-                     [100 * r["accuracy"] for r in chosen], s=14, color=colour, label=label)
-    axes.axhline(100 * (baseline_accuracy - tolerance), color="grey", linestyle=":",
-                 label="accuracy floor")
-    axes.set_xlabel("compression-saving ratio C (%)")
-    axes.set_ylabel("search-split top-1 (%)")
-    axes.set_title(f"Search: {len(rows)} candidates")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return _png(figure)

@@ -23,13 +23,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.apply import AffineReplace, ConstantReplace
+from velcro.apply import AffineReplace, ConstantReplace, check_activation_shape
 from velcro.calibrate import model_device
 from velcro.distributed import process_group
 from velcro.errors import VelcroError
 from velcro.evaluate import _labelled
 from velcro.graph import find_sites, insert_after_sites, site_nodes, trace
 from velcro.search._candidates import Rankings
+from velcro.search._criteria import Tally, compare_outputs
 
 _OUT_OF_PLACE = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -39,19 +40,47 @@ _OUT_OF_PLACE = {
 
 @dataclass
 class Outcome:
-    """One candidate on the search split: correct images, images, summed cross-entropy."""
+    """One candidate on the search images, paired with the uncompressed model on the same ones.
 
-    correct: int
+    ``correct``, ``loss_sum``, ``lost`` and ``gained`` are None when the images have no labels.
+    """
+
+    correct: int | None
     images: int
-    loss_sum: float
+    loss_sum: float | None
+    changed: int = 0  # top-1 differs from the uncompressed model's
+    kl_sum: float = 0.0  # sum over images of KL(p_uncompressed || p_candidate)
+    kl_square_sum: float = 0.0
+    lost: int | None = None  # right before, wrong now
+    gained: int | None = None  # wrong before, right now
 
     @property
-    def accuracy(self) -> float:
+    def accuracy(self) -> float | None:
+        if self.correct is None:
+            return None
         return self.correct / self.images if self.images else 0.0
 
     @property
-    def loss(self) -> float:
+    def loss(self) -> float | None:
+        """Mean cross-entropy against the labels."""
+        if self.loss_sum is None:
+            return None
         return self.loss_sum / self.images if self.images else 0.0
+
+    @property
+    def agreement(self) -> float:
+        """Share of images whose top-1 is the uncompressed model's."""
+        return 1.0 - self.changed / self.images if self.images else 1.0
+
+    @property
+    def kl(self) -> float:
+        """Mean KL divergence of the softmax from the uncompressed model's (nats)."""
+        return self.kl_sum / self.images if self.images else 0.0
+
+    def tally(self, baseline: Outcome) -> Tally:
+        """The paired counts the guard reads; ``baseline`` is the uncompressed model's."""
+        return Tally(self.images, self.changed, self.kl_sum, self.kl_square_sum,
+                     baseline.correct, self.correct, self.lost, self.gained)
 
 
 @dataclass
@@ -77,6 +106,27 @@ def _out_of_place(gm: fx.GraphModule) -> None:
             if name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1]):
                 node.target = name[:-1]
     gm.recompile()
+
+
+def load_batches(data, device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Batches of ``(images, labels)`` on ``device``; a batch that is a bare tensor has no
+    labels (the fidelity criteria need none), but labels are given for all or for none."""
+    batches = []
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            images, labels = item, None
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and item[1] is None:
+            images, labels = item[0], None
+        else:
+            images, labels = _labelled(item)
+            labels = labels.to(device)
+        if batches and (labels is None) != (batches[0][1] is None):
+            raise VelcroError("search data mixes labelled and unlabelled batches; give labels "
+                              "for every batch or for none")
+        batches.append((images.to(device), labels))
+    if not batches:
+        raise VelcroError("search data yielded no images; give the search split's images")
+    return batches
 
 
 def _nbytes(env: dict) -> int:
@@ -111,7 +161,7 @@ class CandidateEvaluator:
         if [s.name for s in sites] != rankings.names:
             raise VelcroError("the statistics' sites differ from the model's; calibrate this model")
         replacers = {
-            r.name: ConstantReplace(torch.zeros(r.shape, dtype=torch.bool), r.source)
+            r.name: ConstantReplace(torch.zeros(r.shape, dtype=torch.bool), r.source, r.name)
             for r in rankings.sites
         }
         insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
@@ -139,13 +189,11 @@ class CandidateEvaluator:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise VelcroError("search needs a model with one input tensor")
-        self.batches = []
-        for item in data:
-            images, labels = _labelled(item)
-            self.batches.append((images.to(self.device), labels.to(self.device)))
-        if not self.batches:
-            raise VelcroError("search data yielded no images; give the search split's images")
-        self.images = sum(int(labels.numel()) for _, labels in self.batches)
+        self.batches = load_batches(data, self.device)
+        self.labelled = self.batches[0][1] is not None
+        self.images = sum(int(images.shape[0]) for images, _ in self.batches)
+        # per batch: the uncompressed model's logits (filled on first use)
+        self.reference: dict[int, tuple] | None = None
         start = position[placeholders[0]] + 1
         self.root = _Entry(start, (), [{placeholders[0]: x} for x, _ in self.batches], 0)
         self.cache: OrderedDict[tuple, _Entry] = OrderedDict()
@@ -173,7 +221,8 @@ class CandidateEvaluator:
         key = ("affine", ranking.name, count)
         if key not in self._mask_cache:
             units, offset, coefficients = affine
-            module = AffineReplace(units, offset, coefficients, ranking.channel_axis)
+            module = AffineReplace(units, offset, coefficients, ranking.channel_axis,
+                                   ranking.name)
             self._mask_cache[key] = module.to(self.device)
         return self._mask_cache[key]
 
@@ -199,6 +248,7 @@ class CandidateEvaluator:
                 if site is not None:
                     mask = self.masks[site]
                     module = self.modules[node.target]
+                    check_activation_shape(args[0], module.mask.shape, module.site)
                     if self.predictors[site] is not None:
                         value = self.predictors[site](args[0])
                     else:
@@ -245,6 +295,17 @@ class CandidateEvaluator:
         before ``reuse_from``; the live values at that cut are kept for them.
         """
         counts = tuple(int(c) for c in counts)
+        if self.reference is None:  # the uncompressed model first: every outcome is paired
+            zeros = tuple(0 for _ in counts)
+            self._set_masks(zeros)
+            self.reference = {}
+            try:
+                baseline = self._outcome(self.root, None)
+            except BaseException:
+                self.reference = None
+                raise
+            if counts == zeros:
+                return baseline, None
         self._set_masks(counts)
         start = self._best_entry(counts)
         cut = None
@@ -252,7 +313,10 @@ class CandidateEvaluator:
             position = self.replacer_positions[reuse_from]
             if position > start.position:
                 cut = _Entry(position, counts[:reuse_from], [], 0)
-        per_batch: list[tuple[int, int, float]] = []  # (batch, correct, cross-entropy sum)
+        return self._outcome(start, cut), self.replacer_site.get(start.position)
+
+    def _outcome(self, start: _Entry, cut: _Entry | None) -> Outcome:
+        per_batch: list[tuple] = []  # (batch, correct, cross-entropy, changed, lost, ...)
         try:
             cut = self._run_batches(start, cut, per_batch)
         except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
@@ -261,13 +325,17 @@ class CandidateEvaluator:
             self._gather(per_batch, exc)
         if self.group is not None:
             per_batch = self._gather(per_batch, None)
-        correct, loss_sum = 0, 0.0
-        for _, batch_correct, batch_loss in sorted(per_batch):  # batch order: same float sum
-            correct += batch_correct
-            loss_sum += batch_loss
+        columns = [0, 0.0, 0, 0, 0, 0.0, 0.0]
+        for row in sorted(per_batch):  # batch order: the same float sums on every rank
+            for i, value in enumerate(row[1:]):
+                columns[i] += value
         if cut is not None:
             self._store(cut)
-        return Outcome(correct, self.images, loss_sum), self.replacer_site.get(start.position)
+        correct, loss_sum, changed, lost, gained, kl_sum, kl_square_sum = columns
+        if not self.labelled:
+            correct = loss_sum = lost = gained = None
+        return Outcome(correct, self.images, loss_sum, changed, kl_sum, kl_square_sum, lost,
+                       gained)
 
     def _run_batches(self, start: _Entry, cut: _Entry | None, per_batch: list) -> _Entry | None:
         end = len(self.nodes)
@@ -288,14 +356,18 @@ class CandidateEvaluator:
             logits = self._run(env, position, end)["output"]
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                 raise VelcroError("search needs a model that returns (batch, classes) logits")
-            logits = logits.float()
-            if self.task_classes is not None:
-                predicted = self.task_classes[logits[:, self.task_classes].argmax(1)]
-            else:
-                predicted = logits.argmax(1)
-            per_batch.append((index, int((predicted == labels).sum()),
-                              float(F.cross_entropy(logits, labels, reduction="sum"))))
+            per_batch.append((index, *self._compare(index, logits.float(), labels)))
         return cut
+
+    def _compare(self, index: int, logits: torch.Tensor, labels) -> tuple:
+        """One batch's sums: correct, cross-entropy, changed, lost, gained, KL, KL squared."""
+        if index not in self.reference:  # the uncompressed model's logits
+            self.reference[index] = logits
+        tally = compare_outputs(self.reference[index], logits, labels, self.task_classes)
+        if labels is None:
+            return 0, 0.0, tally.changed, 0, 0, tally.kl_sum, tally.kl_square_sum
+        return (tally.correct, float(F.cross_entropy(logits, labels, reduction="sum")),
+                tally.changed, tally.lost, tally.gained, tally.kl_sum, tally.kl_square_sum)
 
     def _gather(self, per_batch: list, error: Exception | None) -> list:
         """Every rank's per-batch results (or its error), the same on every rank."""

@@ -6,19 +6,21 @@ import math
 import time
 
 from velcro.search._candidates import Rankings
+from velcro.search._criteria import Guard
 from velcro.search._evaluator import CandidateEvaluator, Outcome
 
 
 class Searcher:
     """Holds what the phases share: memoised outcomes, the trajectory, the budget.
 
-    Feasible means ``correct >= floor``, i.e. search accuracy >= baseline - tolerance.
+    Feasible means the guard passes the candidate: its loss against the uncompressed model
+    (or its confidence bound) is within the tolerance (see ``_criteria``).
     Every candidate is a tuple of unit counts per site; a candidate met twice is evaluated
     once (``memo``, which a later search on the same data may inherit).
     """
 
     def __init__(self, evaluator: CandidateEvaluator, rankings: Rankings, weights: list[float],
-                 tolerance: float, budget: int | None, memo: dict | None, bar) -> None:
+                 guard: Guard, budget: int | None, memo: dict | None, bar) -> None:
         self.evaluator = evaluator
         self.rankings = rankings
         self.weights = weights
@@ -29,8 +31,9 @@ class Searcher:
         self.bar = bar
         self.sites = rankings.sites
         self.zeros = tuple(0 for _ in self.sites)
+        self.guard = guard
+        self.baseline: Outcome | None = None
         self.baseline = self.measure(self.zeros, "baseline", force=True)
-        self.floor = self.baseline.correct - tolerance * evaluator.images - 1e-9
         self.best = self.zeros
         self.alone_infeasible = [math.inf] * len(self.sites)
         self.started = time.perf_counter()
@@ -47,7 +50,7 @@ class Searcher:
         return self.budget is not None and self.evaluations >= self.budget
 
     def feasible(self, outcome: Outcome) -> bool:
-        return outcome.correct >= self.floor
+        return self.guard.passes(outcome.tally(self.baseline))
 
     def measure(self, counts, phase: str, reuse_from: int | None = None,
                 force: bool = False) -> Outcome | None:
@@ -65,7 +68,8 @@ class Searcher:
             self.bar.update(1)
         else:
             outcome, start_site, seconds = self.memo[counts], None, 0.0
-        feasible = phase == "baseline" or self.feasible(outcome)
+        tally = outcome.tally(self.baseline or outcome)
+        feasible = phase == "baseline" or self.guard.passes(tally)
         self.trajectory.append({
             "phase": phase,
             "thresholds": [round(f, 6) for f in self.fractions(counts)],
@@ -73,6 +77,10 @@ class Searcher:
             "saving_ratio": self.rankings.saving_ratio(counts),
             "accuracy": outcome.accuracy,
             "loss": outcome.loss,
+            "agreement": outcome.agreement,
+            "kl": outcome.kl,
+            "criterion_loss": self.guard.loss(tally),
+            "bound": self.guard.bound(tally),
             "feasible": feasible,
             "memoised": cached,
             "started_at_site": start_site,

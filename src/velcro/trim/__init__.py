@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from velcro._globals import rng_kept
 from velcro.apply import check_plan_fits
 from velcro.errors import VelcroError
 from velcro.graph import find_sites, trace
@@ -43,7 +44,10 @@ from velcro.trim import _analysis, _serialize
 from velcro.trim._affine import fold_affine
 from velcro.trim._build import Builder
 
+__all__ = ["load_trimmed", "save_trimmed", "trim"]
 
+
+@rng_kept
 def trim(
     model: nn.Module,
     plan: Plan,
@@ -197,6 +201,7 @@ def save_trimmed(model: fx.GraphModule, path: str | os.PathLike) -> Path:
     return _serialize.save(model, path)
 
 
+@rng_kept
 def load_trimmed(path: str | os.PathLike) -> fx.GraphModule:
     """Rebuild a model saved by :func:`save_trimmed`, running no code from the files.
 

@@ -1,0 +1,59 @@
+"""Every benchmark follows benchmarks/README.md: --quick (what `make bench` runs), a first
+line at once, and files outside the tracked tree unless --update-results."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = sorted((ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def calls(tree: ast.AST) -> set[str]:
+    return {f"{node.func.value.id}.{node.func.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)}
+
+
+@pytest.mark.parametrize("bench", BENCHES, ids=lambda p: p.name)
+def test_bench_follows_the_convention(bench):
+    source = bench.read_text(encoding="utf-8")
+    made = calls(ast.parse(source))
+    assert {"_bench.add_options", "_bench.quick", "_bench.started"} <= made, bench.name
+    assert "--quick" in ast.get_docstring(ast.parse(source)), "the docstring shows --quick"
+    # no default that writes into the tracked tree
+    assert not re.search(r"default=[^,)]*benchmarks/", source), bench.name
+    if re.search(r"savefig|args\.json|args\.plot", source):  # its results as files
+        assert "_bench.output_dir" in made, f"{bench.name} writes files: use output_dir"
+
+
+def test_make_bench_runs_every_bench_quick():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile.split("\nbench:", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"benchmarks/bench_\*\.py.*\$\$b --quick", recipe)
+
+
+def test_bench_outputs_are_untracked_by_default(tmp_path):
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    parser = argparse.ArgumentParser()
+    _bench.add_options(parser)
+    default = _bench.output_dir(parser.parse_args([]), "bench_x")
+    assert default == ROOT / "runs" / "bench" / "bench_x"
+    assert "/runs/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert _bench.output_dir(parser.parse_args(["--out", str(tmp_path / "o")]),
+                             "bench_x") == tmp_path / "o"
+    assert _bench.output_dir(parser.parse_args(["--update-results"]),
+                             "bench_x") == ROOT / "benchmarks"
+    args = parser.parse_args(["--quick"])
+    args.images = 256
+    _bench.quick(args, images=32)
+    assert args.images == 32
