@@ -36,9 +36,9 @@ def pipeline():
     return {"task": task, "model": model, "stats": stats, "result": result, "report": report}
 
 
-def short(text: str) -> str:
+def short(text: str, max_lines: int = MAX_LINES) -> str:
     assert len(text) <= MAX_CHARS, text
-    assert len(text.splitlines()) <= MAX_LINES, text
+    assert len(text.splitlines()) <= max_lines, text
     assert "tensor(" not in text
     return text
 
@@ -93,11 +93,16 @@ def test_search_result_prints_c_objective_and_accuracies(pipeline):
     chosen = sum(int(plan.mask(n).sum()) for n in plan.sites)
     total = sum(plan.mask(n).numel() for n in plan.sites)
     search_images = sum(len(y) for _, y in pipeline["task"]["search"])
-    text = short(repr(result))
+    text = short(repr(result), max_lines=MAX_LINES + 1)  # + the guard
     assert f"C {percent(chosen / total)}" in text
     assert f"objective: C (compression-saving ratio) {percent(result.objective_value)}" in text
     assert f"search split: {search_images} images" in text
     assert f"{result.evaluations} evaluations" in text
+    assert f"guard: top-1 loss within {100 * result.tolerance:.2f} pp at " \
+           f"{100 * result.confidence:.0f}% confidence" in text
+    state = ("nothing passed" if result.check["chosen"] is None else
+             "failed, backed off" if result.check["backed_off"] else "passed")
+    assert f"({result.check['images']} held back for the check: {state}" in text
     validation = result.validation
     change = validation["compressed"]["accuracy"] - validation["baseline"]["accuracy"]
     shown = f"{100 * change:.2f}".replace("-", "\u2212")

@@ -51,7 +51,9 @@ from velcro._io import atomic_path, write_text_atomic
 from velcro.apply import apply
 from velcro.errors import VelcroError
 from velcro.evaluate import evaluate
-from velcro.plan import GRANULARITIES, Plan, plan
+from velcro.plan import GRANULARITIES, plan
+from velcro.report._points import point as _point
+from velcro.report._points import zero_elements
 from velcro.search import UNGUARDED, SearchSchedule, search
 from velcro.stats import Stats
 
@@ -65,23 +67,6 @@ COLUMNS = ("model", "task", "granularity", "method", "setting", "saving_ratio", 
            "search_correct", "search_images", "search_baseline_correct",
            "compressed_elements", "zero_elements", "zero_share", "evaluations")
 _GROUP = ("model", "task", "granularity", "method")
-
-
-def zero_elements(plan: Plan) -> tuple[int, int]:
-    """``(compressed elements, those whose constant is exactly 0.0)`` over all sites.
-
-    Example:
-        >>> compressed, zeros = zero_elements(plan)
-        >>> zeros / compressed  # the share of replaced elements whose constant is 0.0
-    """
-    compressed = zeros = 0
-    for name, site in plan.sites.items():
-        if site.units.numel() == 0:
-            continue
-        mask = plan.mask(name)
-        compressed += int(mask.sum())
-        zeros += int((site.constant[mask] == 0).sum())
-    return compressed, zeros
 
 
 @dataclass
@@ -268,23 +253,6 @@ def curves_file_name(model: str) -> str:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text)) or "model"
-
-
-def _point(plan: Plan, report, baseline, **fields) -> dict:
-    compressed, zeros = zero_elements(plan)
-    return {
-        **fields,
-        "granularity": plan.granularity,
-        "saving_ratio": plan.saving_ratio,
-        "accuracy": report.accuracy,
-        "correct": report.correct,
-        "images": report.images,
-        "baseline_accuracy": baseline.accuracy,
-        "baseline_correct": baseline.correct,
-        "compressed_elements": compressed,
-        "zero_elements": zeros,
-        "zero_share": zeros / compressed if compressed else 0.0,
-    }
 
 
 def sweep(

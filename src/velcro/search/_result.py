@@ -85,8 +85,7 @@ class SearchResult:
         SearchResult: channel plan, C 21.40%, 61 evaluations in 80.3 s
           objective: MACs in replaced producers 27.12%
           guard: top-1 loss within 2.00 pp at 80% confidence
-          search split: 200 images (50 held back for the check), top-1 100.00% -> 99.33%
-          check on the held-back images: the searched plan passed
+          search split: 200 images (50 held back for the check: passed), top-1 100.00% -> 99.33%
     """
 
     plan: Plan
@@ -120,8 +119,12 @@ class SearchResult:
                 "kl": "KL divergence"}.get(self.criterion, self.criterion)
         bound = (f"{self.tolerance:.4g} nats" if self.criterion == "kl"
                  else points(self.tolerance).lstrip("+"))
+        state = ""
+        if self.check:
+            state = (": nothing passed, the plan is empty" if self.check.get("chosen") is None
+                     else ": failed, backed off" if self.check.get("backed_off") else ": passed")
         split = (f"  search split: {plural(self.search_images + held, 'image')}"
-                 + (f" ({held} held back for the check)" if held else ""))
+                 + (f" ({held} held back for the check{state})" if held else ""))
         if self.baseline_accuracy is not None:
             split += (f", top-1 {percent(self.baseline_accuracy)} -> "
                       f"{percent(self.search_accuracy)}")
@@ -132,14 +135,6 @@ class SearchResult:
             f"  guard: {what} within {bound} {guard}",
             split,
         ]
-        if self.check:
-            if self.check.get("chosen") is None:
-                state = "no plan passed, the plan is empty"
-            elif self.check.get("backed_off"):
-                state = "the searched plan failed; backed off to the largest saving that passed"
-            else:
-                state = "the searched plan passed"
-            lines.append(f"  check on the held-back images: {state}")
         if self.validation:
             before, after = self.validation["baseline"], self.validation["compressed"]
             lines.append(
