@@ -12,7 +12,10 @@ site's kept channels (a ridge regression fitted on the calibration images; see
   on the search split (so never below the mean there), computed here from both runs;
 - ``affine-residual``: ``affine-only`` with channels ranked by residual variance.
 
-Every search: objective MACs, tolerance 0 on the search split's top-1, the same schedule.
+Every search: objective MACs, the same schedule, and ``--search``: ``defaults`` (what
+``velcro search`` runs: top-1 within 2 points at 80% confidence, a quarter of the search
+images held back for the check) or ``unguarded`` (top-1 point estimate, tolerance 0, no check:
+the search before issue 14).
 Each plan is trimmed (``channel_multiple=1``: the MACs the plan saves, without the padding to
 multiples of 8 that only speeds kernels up) and its MACs counted by ``velcro.cost``; held-out
 top-1 is measured on the trimmed model, on images neither calibration nor search saw. Also:
@@ -22,15 +25,16 @@ mean maps there (held-out accuracy at the same MACs saved, up to explicit predic
 Suites: ``digits`` (the demo's ResNet-18 trained on scikit-learn's digits; calibration a
 seeded share of the task's images drawn from its training images, search on the rest of
 them, held out: the task's test images) and ``cifar`` (the CIFAR-10 ResNets of
-``../shared/data``, {cat, dog} and vehicles on the 10,000 JPEG test copies; calibration a
-seeded share of the task's images, search 600 others, held out: the rest).
+``../shared/data``, {cat, dog} and vehicles on the 10,000 JPEG test copies, preprocessed as
+the models register; split as bench_real does: stratified, calibration a share of the
+task's images, search at most 600 others, held out: the rest).
 
     .venv/bin/python benchmarks/bench_affine.py --quick        # `make bench`: one small case
     .venv/bin/python benchmarks/bench_affine.py --suite digits --update-results
     .venv/bin/python benchmarks/bench_affine.py --suite cifar --models cifar_resnet20
 
-Rows go to runs/bench_affine/ (``--update-results``: benchmarks/bench_affine_<suite>.json and
-the plot beside this file); ``--from-json`` re-summarises stored rows.
+Rows and the plot go to runs/bench/bench_affine/ (``--out DIR``; ``--update-results``:
+benchmarks/bench_affine_<suite>.json and .png); ``--from-json`` re-summarises stored rows.
 """
 
 from __future__ import annotations
@@ -42,12 +46,14 @@ import sys
 import time
 from pathlib import Path
 
+import _bench
 import torch
 from tqdm.auto import tqdm
 
 import velcro
 from velcro.cost import cost
-from velcro.search import SearchSchedule, search
+from velcro.data import split
+from velcro.search import DEFAULTS, UNGUARDED, SearchSchedule, search
 from velcro.search._candidates import Rankings
 from velcro.search._ridge import SITE_RIDGES
 from velcro.trim._affine import affine_sites
@@ -62,6 +68,7 @@ METHODS = {
     "affine-residual": {"constant": "affine", "ridge": "site", "score": "residual"},
 }
 SCHEDULES = {"demo": SearchSchedule(levels=4, refine_rounds=1), "full": SearchSchedule()}
+SEARCHES = {"defaults": DEFAULTS, "unguarded": UNGUARDED}
 SEARCH_IMAGES = 600
 BATCH = 200
 
@@ -105,10 +112,12 @@ def cifar_case(model_name: str, task: str, seed: int, fraction: float, cache: Pa
     model = velcro.models.create(model_name, num_classes=10,
                                  weights=str(DATA / "cifar10" / f"resnet{depth}.safetensors"))
     images, labels = cifar_images(classes, cache)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    count = calibration_count(fraction, len(images), len(classes))
-    calibration, rest = order[:count], order[count:]
-    search_part, held = rest[:SEARCH_IMAGES], rest[SEARCH_IMAGES:]
+    total = len(images)
+    parts = split(list(range(total)), {"calibration": fraction,
+                                       "search": min(0.3, SEARCH_IMAGES / total),
+                                       "heldout": None}, seed=seed, labels=labels.tolist())
+    calibration, search_part, held = (torch.as_tensor(parts[k])
+                                      for k in ("calibration", "search", "heldout"))
     return {"model": model.eval(), "calibration": [images[calibration]],
             "search": batches(images[search_part], labels[search_part]),
             "heldout": batches(images[held], labels[held]), "example": images[:1],
@@ -147,7 +156,8 @@ def measure(case: dict, plan: velcro.Plan, base: dict) -> dict:
             "heldout_delta": correct(small, case["heldout"]) - base["heldout_correct"]}
 
 
-def run_case(case: dict, methods: list[str], schedule: SearchSchedule) -> list[dict]:
+def run_case(case: dict, methods: list[str], schedule: SearchSchedule,
+             settings: dict) -> list[dict]:
     model = case["model"]
     stats = velcro.calibrate(model, case["calibration"], progress=False, covariance=True)
     base = {"macs": cost(model, case["example"]).macs,
@@ -159,11 +169,13 @@ def run_case(case: dict, methods: list[str], schedule: SearchSchedule) -> list[d
         if options["constant"] == "affine" and "mean" in results:
             options["start"] = results["mean"].thresholds  # as search(constant="affine")
         result = search(model, stats, case["search"], granularity="channel",
-                        objective="macs", schedule=schedule, progress=False, **options)
+                        objective="macs", schedule=schedule, progress=False,
+                        **settings, **options)
         results[method] = result
         rows.append({"method": method, "objective": result.objective_value,
                      "saving_ratio": result.saving_ratio, "evaluations": result.evaluations,
                      "search_accuracy": result.search_accuracy,
+                     "backed_off": (result.check or {}).get("backed_off"),
                      "search_baseline": result.baseline_accuracy,
                      "ridges": result.plan.info.get("ridges"),
                      "search_seconds": time.perf_counter() - began,
@@ -333,19 +345,16 @@ def main() -> None:
     parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="demo")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: a shared machine's cores are contended)")
-    parser.add_argument("--quick", action="store_true",
-                        help="one digits case (task 3,8, seed 0, 10%%), mean and affine")
-    parser.add_argument("--out", default="runs/bench_affine")
-    parser.add_argument("--update-results", action="store_true",
-                        help="write the rows and plot into benchmarks/ (for RESULTS.md)")
+    parser.add_argument("--search", choices=tuple(SEARCHES), default="defaults",
+                        help="the search's guard: the library's defaults or unguarded "
+                             "(tolerance 0, no check)")
     parser.add_argument("--from-json", nargs="+", default=None,
                         help="summarise rows written earlier, run nothing")
+    _bench.add_options(parser)  # --quick: one digits case (task 3,8, seed 0, 10%)
     args = parser.parse_args()
-    if args.quick:
-        args.suite, args.digit_tasks, args.seeds, args.fractions = "digits", "3,8", [0], [0.1]
-        args.methods = "mean,affine-only"
+    _bench.quick(args, suite="digits", digit_tasks="3,8", seeds=[0], fractions=[0.1],
+                 methods="mean,affine-only")
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
     if args.from_json:
         rows = [row for file in args.from_json for row in json.loads(Path(file).read_text())]
         print(summarise(rows), "\n", overall(rows), sep="\n")
@@ -357,6 +366,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     schedule = SCHEDULES[args.schedule]
+    out = _bench.output_dir(args, "bench_affine")
+    cache = _bench.ROOT / "runs" / "bench" / "bench_affine" / "cache"  # never tracked
+    _bench.started("bench_affine", args, f"MACs saved by affine compensation against mean "
+                   f"maps, suites {args.suite}, search {args.search}, schedule {args.schedule}")
     rows, began = [], time.perf_counter()
     todo = cases(args)
     for suite, model, task, fraction, seed in tqdm(todo, desc="bench_affine", unit="case",
@@ -364,17 +377,16 @@ def main() -> None:
         if suite == "digits":
             case = digits_case(task, seed, fraction)
         else:
-            case = cifar_case(model, task, seed, fraction, out / "cache")
-        for row in run_case(case, methods, schedule):
+            case = cifar_case(model, task, seed, fraction, cache)
+        for row in run_case(case, methods, schedule, SEARCHES[args.search]):
             rows.append({"suite": suite, "model": model, "task": task, "fraction": fraction,
-                         "seed": seed, **row})
-        out.mkdir(parents=True, exist_ok=True)
+                         "seed": seed, "search": args.search, **row})
         (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")  # progress kept
     seconds = time.perf_counter() - began
     print(f"\n{len(todo)} cases, schedule '{args.schedule}', {torch.get_num_threads()} torch "
           f"thread(s), {seconds / 60:.0f} min in all.\n")
     print(summarise(rows), "", overall(rows), sep="\n")
-    target = HERE if args.update_results else out
+    target = out
     name = "bench_affine" + ("" if args.suite == "digits,cifar" else "_" + args.suite)
     (target / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, target / f"{name}.png")
