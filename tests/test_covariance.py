@@ -69,11 +69,7 @@ def test_batching_and_chunking_do_not_change_the_comoment(monkeypatch):
                                    atol=PRODUCT_RTOL * np.abs(expected).max())
     import velcro._moments as moments
     monkeypatch.setattr(moments, "_CHUNK_ELEMENTS", 60 * 3)  # 3 images per chunk
-    monkeypatch.setattr(moments, "_PRODUCT_TERMS", 5)  # blocks that split images' positions
-    for batch in (1, 4, 23):
-        np.testing.assert_allclose(stream(batch).numpy(), expected, rtol=PRODUCT_RTOL,
-                                   atol=PRODUCT_RTOL * np.abs(expected).max())
-    x = x.double()  # float64 activations: float64 products, exact to rounding
+    monkeypatch.setattr(moments, "_PRODUCT_DTYPE", torch.float64)  # exact products
     np.testing.assert_allclose(stream(23).numpy(), expected, rtol=1e-9,
                                atol=1e-12 * np.abs(expected).max())
 
@@ -132,9 +128,9 @@ def test_linear_sites_reference_by_hand():
                                atol=PRODUCT_RTOL * np.abs(expected).max())
 
 
-def test_float32_centre_rounding_is_corrected():
-    # deviations of a few float32 ulps around 1e4: the chunk's float32 mean is off by about
-    # the deviations themselves, so the co-moment is right only if that rounding is corrected
+def test_small_deviations_on_a_large_offset():
+    # deviations of a few float32 ulps around 1e4: centring on a float32 mean would be off
+    # by about the deviations themselves; the co-moment must not be
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, 8, 8, generator=gen) * 0.01 + 1e4 * (1 + torch.rand(5, 8, 8,
                                                                                 generator=gen))

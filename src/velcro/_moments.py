@@ -110,14 +110,14 @@ def update_moments(
     return total, mean, m2
 
 
-# Elements of one chunk of centred activations (64 MiB in float32): the co-moment update walks
-# a batch in chunks of images so that its scratch memory does not grow with the batch.
-_CHUNK_ELEMENTS = 1 << 24
-# The products of deviations run in float32 (float64 products would cost about as much as
-# a ResNet's own forward pass), in blocks of this many (image, position) terms whose results
-# are summed in float64: the co-moment is then exact to about 1e-7 relative, far below the
-# sampling error of any calibration set. (One float32 product over a whole batch of
-# 112x112 maps: about 1e-6; the blocks cost no time.)
+# Elements of one float64 chunk of centred activations (64 MiB): the co-moment update walks a
+# batch in chunks of images so that its scratch memory does not grow with the batch.
+_CHUNK_ELEMENTS = 1 << 23
+# The products of deviations run in float32 (twice float64's speed: the product costs about a
+# tenth of a ResNet's own MACs), over at most this many (image, position) terms per matrix
+# product, whose results are summed in float64: the co-moment is then exact to about 1e-6
+# relative, far below the sampling error of any calibration set.
+_PRODUCT_DTYPE = torch.float32
 _PRODUCT_TERMS = 1 << 14
 
 
@@ -145,16 +145,13 @@ def update_comoment(
     ``S = S_A + S_B + n_A n_B / n * sum_p delta(p) delta(p)^T``, ``delta = mu_B - mu_A``.
 
     Call it *before* ``update_moments`` folds the same batch into ``count`` and ``mean``
-    (which it reads: the moments of the images before this batch). A batch (in chunks of
-    images that bound the scratch memory) is centred on its own per-position mean, its
-    co-moment formed in blocks summed in float64, and merged by Chan's formula, so the
-    result does not depend on the batch size beyond the products' rounding.
+    (which it reads: the moments of the images before this batch). Chunks of images are
+    centred on their own per-position mean in float64 and merged one by one, so the result
+    does not depend on the batch size beyond the products' rounding (``_PRODUCT_DTYPE``).
 
     Returns the new ``(channels, channels)`` float64 co-moment.
     """
     x = channels_first(batch.detach(), channel_axis)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
     images, channels, positions = x.shape
     if comoment.shape != (channels, channels):
         comoment = torch.zeros((channels, channels), dtype=torch.float64, device=x.device)
@@ -162,24 +159,19 @@ def update_comoment(
         return comoment
     running = (channels_first(mean.unsqueeze(0), channel_axis)[0].to(torch.float64)
                if count else None)
-    step = max(1, _CHUNK_ELEMENTS // max(1, channels * positions))
+    step = max(1, min(_CHUNK_ELEMENTS // max(1, channels * positions),
+                      _PRODUCT_TERMS // max(1, positions)))
     for start in range(0, images, step):
         part = x[start:start + step]
         n_b = part.shape[0]
-        # centred on the chunk's mean in the activations' own dtype: near-constant values
-        # lie close to their centre, and the difference of close floats is exact (Sterbenz)
-        centre = part.mean(dim=0)
-        centred = torch.empty((channels, n_b, positions), dtype=x.dtype, device=x.device)
-        torch.sub(part.transpose(0, 1), centre.unsqueeze(1), out=centred)
+        part_mean = part.mean(dim=0, dtype=torch.float64)
+        # deviations from the chunk's own mean, subtracted in float64 (exact for the small
+        # deviations of near-constant channels), then rounded once to the product's dtype
+        centred = torch.empty((channels, n_b, positions), dtype=_PRODUCT_DTYPE,
+                              device=x.device)
+        torch.sub(part.transpose(0, 1), part_mean.unsqueeze(1), out=centred)
         flat = centred.view(channels, -1)
-        product = torch.zeros((channels, channels), dtype=torch.float64, device=x.device)
-        for first in range(0, flat.shape[1], _PRODUCT_TERMS):
-            block = flat[:, first:first + _PRODUCT_TERMS]
-            product += (block @ block.T).to(torch.float64)
-        # the centre is the mean only up to rounding: correct for what is left, exactly
-        left = centred.sum(dim=1).to(torch.float64) / n_b
-        product.addmm_(left, left.T, alpha=-n_b)
-        part_mean = centre.to(torch.float64) + left
+        product = (flat @ flat.T).to(torch.float64)
         comoment = comoment + (product + product.T) * 0.5
         if count == 0:
             running = part_mean
