@@ -26,8 +26,10 @@ and channel plans at T = 0.3 and 0.5, one row with:
   (T = 0) vs the original model;
 - MACs and parameters saved (``velcro.cost``, default ``channel_multiple=8``);
 - save/load: ``save_trimmed`` + ``load_trimmed`` give identical outputs, else the first line;
-- ONNX: ``velcro.export_onnx`` of the original and the T = 0.5 trimmed model, onnxruntime vs
-  torch (max relative difference) and node counts;
+- ONNX: ``velcro.export_onnx`` (``check=False``) of the original and the T = 0.5 trimmed
+  model, onnxruntime vs torch (max relative difference), node counts and data-dependent
+  nodes (``velcro.export.DATA_DEPENDENT_OPS``: ``NonZero``, ``ScatterND``, ``Where`` ...;
+  marked ``dd`` after the count);
 - seconds per model.
 
 Each model runs in its own subprocess (memory is returned, a crash or timeout is one row);
@@ -316,6 +318,11 @@ def save_cell(value) -> str:
     return "ok" if value == 0.0 else f"diff {value:.1e}"
 
 
+def nodes_cell(value: dict) -> str:
+    dependent = value.get("data_dependent")
+    return f"{value['nodes']}" + (f" ({dependent} dd)" if dependent else "")
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table: one row per model, ``a / b`` for T = 0.3 / 0.5 (ONNX: the
     original / the model trimmed at T = 0.5)."""
@@ -330,8 +337,8 @@ def table(rows: list[dict]) -> str:
         sites = sum((row.get("sites") or {}).values())
         capture = row.get("capture", "-")
         last = (row.get("thresholds") or {}).get(str(THRESHOLDS[-1])) or {}
-        original_nodes = cell(row, "onnx_original", lambda v: str(v["nodes"]))
-        trimmed_nodes = cell(last, "onnx", lambda v: str(v["nodes"]))
+        original_nodes = cell(row, "onnx_original", nodes_cell)
+        trimmed_nodes = cell(last, "onnx", nodes_cell)
         lines.append(" | ".join([
             f"| {row['model']}", str(row.get("input", "-")),
             "ok" if capture == "ok" else capture.replace("|", "/")[:90],

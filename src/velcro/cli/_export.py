@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 import velcro
@@ -12,12 +11,13 @@ from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
 from velcro.cli._files import Files
 from velcro.errors import VelcroError
+from velcro.export import onnxruntime_difference
 from velcro.plan import Plan
 
 DESCRIPTION = """\
 Export to ONNX: the model as is, with a plan's constants (--plan), or trimmed (--plan
---trim: the constant filters removed). The file is checked against onnxruntime when it is
-installed.
+--trim: the constant filters removed), with PyTorch's exporter (torch.export). The file is
+written only once onnxruntime (when installed) computes what PyTorch computes.
 
 example:
   velcro export --model resnet18 --weights resnet18-f37072fd.pth --plan cats.plan.json \\
@@ -52,17 +52,6 @@ def preflight(args: argparse.Namespace) -> Files:
     return files
 
 
-def _onnxruntime_difference(path, example: torch.Tensor, expected: torch.Tensor) -> float | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    got = session.run(None, {name: example.cpu().numpy()})[0]
-    return float(np.max(np.abs(got - expected.cpu().numpy()))) if got.size else 0.0
-
-
 def run(args: argparse.Namespace) -> int:
     out = common.check_output(args.output, "--output")
     if args.trim and not args.plan:
@@ -88,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
             raise VelcroError(f"the model does not run on an input of shape {(1, *shape)} "
                               f"({' '.join(str(exc).split())[:120]}); set --input-shape"
                               ) from None
-    export_onnx(model, out, example)  # atomic: the file appears whole or not at all
-    difference = None if args.no_check else _onnxruntime_difference(out, example, expected)
+    # atomic: the file appears whole or not at all, and only once onnxruntime agrees
+    export_onnx(model, out, example, check=not args.no_check)
+    difference = None if args.no_check else onnxruntime_difference(out, example, expected)
     summary = {
         "command": "export", **common.model_info(args), "onnx": str(out),
         "input_shape": [1, *shape], "plan": args.plan, "trimmed": args.trim,

@@ -11,6 +11,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from velcro.trim._place import exporting, place, run_of
+
 # A contribution whose spread over positions is below this (relative) is a plain bias.
 UNIFORM_TOLERANCE = 1e-6
 
@@ -53,25 +55,26 @@ WITH_MAP = {nn.Conv1d: Conv1dWithMap, nn.Conv2d: Conv2dWithMap, nn.Conv3d: Conv3
             nn.Linear: LinearWithMap}
 
 
-def _ranges(index: torch.Tensor) -> tuple[int, int] | None:
-    """(start, length) when ``index`` is a run of consecutive integers, else None."""
-    if index.numel() == 0 or index.is_meta:  # meta: built by a loader, found once loaded
-        return None
-    start = int(index[0])
-    if torch.equal(index, torch.arange(start, start + index.numel(), dtype=index.dtype)):
-        return start, index.numel()
-    return None
-
-
 class ChannelSelect(nn.Module):
-    """Keeps the channels at ``index`` (positions along ``dim``), in that order (a copy)."""
+    """Keeps the channels at ``index`` (positions along ``dim``), in that order (a copy).
+
+    A contiguous run is a slice (``Slice`` in ONNX), anything else a gather with constant
+    indices (``Gather``).
+    """
 
     def __init__(self, index: torch.Tensor, dim: int) -> None:
         super().__init__()
         self.dim = dim
         self.register_buffer("index", index.to(torch.int64).clone())
+        self._find_run()
+        self.register_load_state_dict_post_hook(_refind)
+
+    def _find_run(self) -> None:
+        self.run = run_of(self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.run is not None:  # a copy: a sum may add into it in place
+            return x.narrow(self.dim, *self.run).clone()
         return x.index_select(self.dim, self.index)
 
     def config(self) -> dict:
@@ -85,8 +88,8 @@ class ChannelSelect(nn.Module):
         return f"dim={self.dim}, channels={self.index.numel()}"
 
 
-def _refind_slices(module: nn.Module, incompatible_keys: object) -> None:
-    module._find_slices()
+def _refind(module: nn.Module, incompatible_keys: object) -> None:
+    module._find_run()
 
 
 class ChannelSum(nn.Module):
@@ -94,8 +97,10 @@ class ChannelSum(nn.Module):
 
     ``out = base + sum_i sign_i * place(x_i)`` where ``base`` (the first input) holds every
     output channel in order, and input i adds its channels at positions ``src_i`` to output
-    positions ``dst_i``. Contiguous positions become slices, so that the common case (the
-    channels two branches share laid out first) costs one in-place slice addition.
+    positions ``dst_i``. Run eagerly, contiguous positions become in-place slice additions
+    (the common case, the channels two branches share laid out first, costs one); exported,
+    each placement is static (:func:`velcro.trim._place.place`: a pad or a gather with
+    constant indices, then an ``Add``).
 
     Args:
         signs: +1 or -1 per input; the first input's sign is +1.
@@ -113,14 +118,18 @@ class ChannelSum(nn.Module):
         for i, (source, target) in enumerate(zip(sources, targets, strict=True)):
             self.register_buffer(f"source_{i}", source.to(torch.int64).clone())
             self.register_buffer(f"target_{i}", target.to(torch.int64).clone())
-        self._find_slices()
-        self.register_load_state_dict_post_hook(_refind_slices)
+        self._find_run()
+        self.register_load_state_dict_post_hook(_refind)
 
-    def _find_slices(self) -> None:
+    def _find_run(self) -> None:
         """Contiguous positions become slices (recomputed when indices are loaded)."""
         count = len(self.signs) - 1
-        self.source_slices = [_ranges(getattr(self, f"source_{i}")) for i in range(count)]
-        self.target_slices = [_ranges(getattr(self, f"target_{i}")) for i in range(count)]
+        sources = [getattr(self, f"source_{i}") for i in range(count)]
+        targets = [getattr(self, f"target_{i}") for i in range(count)]
+        self.source_slices = [run_of(index) for index in sources]
+        self.target_slices = [run_of(index) for index in targets]
+        self.pairs = [None if s.is_meta else list(zip(t.tolist(), s.tolist(), strict=True))
+                      for s, t in zip(sources, targets, strict=True)]
 
     def config(self) -> dict:
         count = len(self.signs) - 1
@@ -137,6 +146,8 @@ class ChannelSum(nn.Module):
                    int(config["dim"]), bool(config["inplace"]))
 
     def forward(self, base: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            return self._static(base, others)
         out = base
         fresh = self.inplace
         for i, x in enumerate(others):
@@ -154,10 +165,6 @@ class ChannelSum(nn.Module):
                 out = out.add_(piece) if fresh else out + piece
                 fresh = True
                 continue
-            if torch.onnx.is_in_onnx_export():
-                out = self._scatter_add(out, piece, i)
-                fresh = True
-                continue
             if not fresh:
                 out = out.clone()
                 fresh = True
@@ -167,20 +174,16 @@ class ChannelSum(nn.Module):
                 out.index_add_(self.dim, getattr(self, f"target_{i}"), piece)
         return out
 
-    def _scatter_add(self, out: torch.Tensor, piece: torch.Tensor, i: int) -> torch.Tensor:
-        """Out-of-place placement (exporters handle it better than in-place slices)."""
-        target = getattr(self, f"target_{i}")
-        size = out.shape[self.dim]
-        shape = list(piece.shape)
-        shape[self.dim] = size - target.numel()
-        zeros = piece.new_zeros(shape)
-        order = torch.full((size,), -1, dtype=torch.int64)
-        order[target.cpu()] = torch.arange(target.numel())
-        rest = (order < 0).nonzero().flatten()
-        order[rest] = torch.arange(target.numel(), size)
-        placed = torch.cat([piece, zeros], self.dim).index_select(self.dim,
-                                                                  order.to(piece.device))
-        return out + placed
+    def _static(self, base: torch.Tensor, others: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Out of place, every placement with constant positions (what exporters see)."""
+        out = base
+        for i, x in enumerate(others):
+            where = [-1] * base.shape[self.dim]
+            for target, source in self.pairs[i]:
+                where[target] = source
+            piece = place(x, self.dim, where)
+            out = out + piece if self.signs[i + 1] > 0 else out - piece
+        return out
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, inputs={len(self.signs)}, inplace={self.inplace}"
@@ -191,7 +194,11 @@ class Materialize(nn.Module):
 
     Used only where something needs every channel (the model's output, an operation trimming
     does not understand). ``constant`` holds the missing channels (one image, in channel
-    order); ``order`` maps each channel to its position in ``cat([x, constant])``.
+    order); ``order`` maps each channel to its position in ``cat([x, constant])``. It is
+    computed with static operations: the computed channels placed by a pad or a gather with
+    constant indices (:func:`velcro.trim._place.place`), plus one constant tensor holding
+    the constants in their places and zeros elsewhere (``filled``, derived from the two
+    buffers, not saved).
     """
 
     def __init__(self, constant: torch.Tensor, order: torch.Tensor, dim: int,
@@ -201,6 +208,24 @@ class Materialize(nn.Module):
         self.computed = computed
         self.register_buffer("constant", constant.clone())
         self.register_buffer("order", order.to(torch.int64).clone())
+        self._find_run()
+        self.register_load_state_dict_post_hook(_refind)
+
+    def _find_run(self) -> None:
+        """``where`` (each channel's position in x, or -1) and ``filled``, from the buffers."""
+        self.where: list[int] | None = None
+        self.register_buffer("filled", None, persistent=False)
+        if self.order.is_meta or self.constant.is_meta or not self.computed:
+            return
+        missing = self.constant.shape[self.dim]
+        order = self.order.tolist()
+        count = max(order) + 1 - missing if missing else max(order, default=-1) + 1
+        self.where = [p if p < count else -1 for p in order]
+        if missing and bool(self.constant.ne(0).any()):
+            shape = list(self.constant.shape)
+            shape[self.dim] = count
+            both = torch.cat([self.constant.new_zeros(shape), self.constant], self.dim)
+            self.filled = both.index_select(self.dim, self.order).contiguous()
 
     def config(self) -> dict:
         return {"constant": list(self.constant.shape), "channels": self.order.numel(),
@@ -213,10 +238,11 @@ class Materialize(nn.Module):
                    int(config["dim"]), bool(config["computed"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        constant = self.constant.to(x.dtype).expand(x.shape[0], *self.constant.shape[1:])
         if not self.computed:  # x only gives the batch size
-            return constant.contiguous()
-        return torch.cat([x, constant], self.dim).index_select(self.dim, self.order)
+            constant = self.constant.to(x.dtype)
+            return constant.expand(x.shape[0], *constant.shape[1:]).contiguous()
+        placed = place(x, self.dim, self.where)
+        return placed if self.filled is None else placed + self.filled.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, constant_channels={self.constant.shape[self.dim]}"

@@ -65,8 +65,10 @@ def emit_sum(builder: GraphWriter, node: fx.Node) -> None:
     sources, targets, signs = [], [], [1]
     if other[2].node is not None and bool(((other_where >= 0) & valid).any()):
         present = ((other_where >= 0) & valid).nonzero().flatten()
-        sources.append(other_where[present])
-        targets.append(present)
+        source, target = _line_up(other_where[present], present, layout,
+                                  other[2].layout.numel())
+        sources.append(source)
+        targets.append(target)
         signs.append(other[1])
         inputs.append(other[2].node)
     # the base may be added into when it is a fresh tensor nobody else reads
@@ -130,6 +132,21 @@ def _add_constant(builder: GraphWriter, node: fx.Node, constant: torch.Tensor,
                                       (node, builder.graph.get_attr(target)))
     builder.fresh.add(add)
     return add
+
+
+def _line_up(source: torch.Tensor, target: torch.Tensor, layout: torch.Tensor,
+             count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every channel added keeps its position, let the output's padding positions
+    (nobody reads them) take whatever the other side holds there: the placement becomes
+    one plain addition (one ``Add`` when exported, no slice or pad)."""
+    span = min(layout.numel(), count)
+    if not bool((source == target).all()) or int(target.max()) >= span:
+        return source, target
+    spare = torch.ones(span, dtype=torch.bool)
+    spare[target] = False
+    if bool((layout[:span][spare] < 0).all()):
+        return torch.arange(span), torch.arange(span)
+    return source, target
 
 
 def _mask_of(channels: torch.Tensor, size: int) -> torch.Tensor:
