@@ -6,6 +6,12 @@ between 64 and 512 images.
 
     .venv/bin/python benchmarks/bench_calibrate.py [--images 256] [--repeats 7]   # full, ~5 min
     .venv/bin/python benchmarks/bench_calibrate.py --quick   # 64x64, 32 images: a check only
+    .venv/bin/python benchmarks/bench_calibrate.py --covariance   # + channel co-moments
+
+``--covariance`` times ``velcro.calibrate(..., covariance=True)`` (issue 13: the channel
+co-moments of the affine constants, a ``channels^2 x positions`` product per image and site)
+and reports their memory (8 bytes x channels^2 per site); ``--model``/``--size`` pick
+another built-in model and input size (e.g. ``--model cifar_resnet20 --size 32``).
 
 Timing: plain inference and calibration alternate on the same generated batches (P C P ...
 C P); each calibration is divided by the mean of the plain runs either side of it, and the
@@ -31,20 +37,26 @@ import torch
 from tqdm.auto import tqdm
 
 import velcro
-from velcro.models import resnet18
 
 BATCH = 32
+MODEL = {"name": "resnet18", "size": 224, "covariance": False}
 
 
-def generated_batches(images: int, size: int = 224, seed: int = 0):
+def make_model() -> torch.nn.Module:
+    return velcro.models.create(MODEL["name"]).eval()
+
+
+def generated_batches(images: int, size: int | None = None, seed: int = 0):
+    size = size or MODEL["size"]
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, images, BATCH):
         yield torch.randn(min(BATCH, images - start), 3, size, size, generator=gen)
 
 
 def peak_memory_child(images: int, size: int) -> None:
-    model = resnet18().eval()
-    velcro.calibrate(model, generated_batches(images, size), progress=False)
+    model = make_model()
+    velcro.calibrate(model, generated_batches(images, size), progress=False,
+                     covariance=MODEL["covariance"])
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"images": images, "peak_rss_mib": peak_mib}))
 
@@ -53,11 +65,12 @@ def time_it(images: int, repeats: int, size: int) -> tuple[list[float], list[flo
     """Plain inference and calibration times, run P C P C ... C P: each calibration is
     compared with the mean of the plain runs on either side of it, which cancels a linear
     drift of the machine's speed (it drifts by 10-20% within seconds here)."""
-    model = resnet18().eval()
+    model = make_model()
     batches = list(generated_batches(images, size))
+    covariance = MODEL["covariance"]
     with torch.no_grad():
         model(batches[0])  # warm up kernels
-    velcro.calibrate(model, batches[:1], progress=False)  # warm up the numba cache
+    velcro.calibrate(model, batches[:1], progress=False, covariance=covariance)  # numba cache
 
     def plain_run() -> float:
         start = time.perf_counter()
@@ -69,7 +82,7 @@ def time_it(images: int, repeats: int, size: int) -> tuple[list[float], list[flo
     plain, calib = [plain_run()], []
     for _ in tqdm(range(repeats), desc="calibrate between plain runs", file=sys.stderr):
         start = time.perf_counter()
-        velcro.calibrate(model, batches, progress=False)
+        velcro.calibrate(model, batches, progress=False, covariance=covariance)
         calib.append(time.perf_counter() - start)
         plain.append(plain_run())
     return plain, calib
@@ -80,23 +93,35 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-images", default="64,512")
+    parser.add_argument("--covariance", action="store_true",
+                        help="calibrate with covariance=True (the channel co-moments)")
+    parser.add_argument("--model", default="resnet18", help="a built-in model name")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     _bench.add_options(parser)
     args = parser.parse_args()
+    MODEL.update(name=args.model, size=args.size, covariance=args.covariance)
     if args.child:
         peak_memory_child(args.child, args.size)
         return
     _bench.quick(args, images=32, repeats=2, memory_images="16,32", size=64)
     _bench.started("bench_calibrate", args, f"calibration time against plain inference, "
-                   f"ResNet-18 at {args.size}x{args.size}, {args.images} images")
+                   f"{args.model} at {args.size}x{args.size}, {args.images} images")
     plain, calib = time_it(args.images, args.repeats, args.size)
     around = [(a + b) / 2 for a, b in zip(plain[:-1], plain[1:], strict=True)]  # either side
     ratios = [c / p for p, c in zip(around, calib, strict=True)]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
-    print(f"\nResNet-18, {args.size}x{args.size}, {args.images} images, batch {BATCH}, "
-          f"{args.repeats} calibrations, each between two plain inference runs\n")
+    print(f"\n{args.model}, {args.size}x{args.size}, {args.images} images, batch {BATCH}, "
+          f"{args.repeats} calibrations{' with covariance' if args.covariance else ''}, "
+          "each between two plain inference runs\n")
+    if args.covariance:
+        stats = velcro.calibrate(make_model(), generated_batches(2, args.size), progress=False,
+                                 covariance=True)
+        comoments = sum(s.channels ** 2 * 8 for s in stats.sites.values())
+        moments = sum(s.mean.numel() * 16 for s in stats.sites.values())
+        print(f"channel co-moments: {comoments / 2**20:.1f} MiB over {len(stats)} sites "
+              f"(means and M2: {moments / 2**20:.1f} MiB)\n")
     print("| run | plain inference, mean of the runs either side (s) | calibrate (s) | ratio |")
     print("|---|---|---|---|")
     for i, (p, c) in enumerate(zip(around, calib, strict=True)):
@@ -106,9 +131,9 @@ def main() -> None:
     print("\n| images | peak RSS (MiB) |")
     print("|---|---|")
     for count in (int(n) for n in args.memory_images.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--child", str(count),
-                              "--size", str(args.size)],
-                             capture_output=True, text=True, check=True)
+        child = [sys.executable, __file__, "--child", str(count), "--model", args.model,
+                 "--size", str(args.size)] + (["--covariance"] if args.covariance else [])
+        out = subprocess.run(child, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {result['images']} | {result['peak_rss_mib']:.0f} |")
 

@@ -78,6 +78,13 @@ def test_the_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(small(x), compressed(x), rtol=1e-4, atol=1e-4)
+        # the affine block: its trimmed model computes what its plan's reference does
+        result = namespace["result"]
+        assert namespace["affine_stats"].has_covariance
+        reference = velcro.apply(velcro.models.create("resnet18", weights=str(
+            tmp_path / "resnet18.pth")), result.plan)(x)
+        torch.testing.assert_close(namespace["affine_small"](x), reference, rtol=1e-4,
+                                   atol=1e-4)
 
 
 def options_table(text: str) -> tuple[list[str], dict[str, list[bool]]]:

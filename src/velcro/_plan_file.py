@@ -3,11 +3,16 @@
 :meth:`velcro.Plan.load` builds the plan from what :func:`read_plan_file` returns; nothing
 reaches it unchecked: field types and ranges, site names, unit indices (in range, sorted,
 unique), shapes against the tensors, finite constants, and the JSON's figures (chosen units,
-C) against the tensors.
+C) against the tensors. Affine plans (``"constant": "affine"``) may hold, per channel site,
+``coefficients/<name>``: finite floats, one row per chosen channel, one column per channel,
+zero in the chosen channels' columns; their ``ridge`` is a number >= 0 or ``"inf"``. (A reader
+that predates affine plans refuses them: the constant kind and the extra tensors are unknown
+to it.)
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -35,6 +40,36 @@ def _units(tensor: torch.Tensor, count: int, fields: Fields, field: str) -> torc
             raise fields.error(field, f"is not sorted without repeats (unit {int(tensor[at])} "
                                f"at position {at})")
     return tensor
+
+
+def _coefficients(tensors: dict, name: str, units: torch.Tensor, channels: int,
+                  fields: Fields) -> torch.Tensor | None:
+    """An affine site's coefficients, or None where the site has none."""
+    key = f"coefficients/{name}"
+    if key not in tensors:
+        return None
+    coefficients = tensors[key]
+    expected = (units.numel(), channels)
+    if not coefficients.is_floating_point() or tuple(coefficients.shape) != expected:
+        raise fields.error(f"tensors.{key}", f"must be a float tensor of shape "
+                           f"{list(expected)}, not {coefficients.dtype} "
+                           f"{list(coefficients.shape)}")
+    check_finite(coefficients, fields, f"tensors.{key}")
+    if units.numel() and bool(coefficients[:, units].ne(0).any()):
+        raise fields.error(f"tensors.{key}", "predicts a chosen channel from a chosen "
+                           "channel; its columns of the chosen channels must be zero")
+    return coefficients.to(torch.float32)
+
+
+def _ridge(document: dict, fields: Fields) -> float | None:
+    value = fields.get(document, "ridge", (int, float, str), default=None)
+    if value is None:
+        return None
+    if value == "inf":
+        return math.inf
+    if isinstance(value, str) or not math.isfinite(value) or value < 0:
+        raise fields.error("ridge", f"is {value!r}, not a number >= 0 or \"inf\"")
+    return float(value)
 
 
 def _site(row: object, index: int, tensors: dict, granularity: str, fields: Fields) -> tuple:
@@ -69,13 +104,14 @@ def _site(row: object, index: int, tensors: dict, granularity: str, fields: Fiel
         raise fields.error(f"tensors.{key_constant}", f"must be a float tensor of shape "
                            f"{list(shape)}, not {constant.dtype} {list(constant.shape)}")
     check_finite(constant, fields, f"tensors.{key_constant}")
-    return name, threshold, units, constant.to(torch.float32), shape, axis
+    coefficients = _coefficients(tensors, name, units, shape[axis], fields)
+    return name, threshold, units, constant.to(torch.float32), shape, axis, coefficients
 
 
 def read_plan_file(path: str | Path, *, granularities: tuple[str, ...], scores: tuple[str, ...],
                    constants: tuple[str, ...]) -> dict:
     """The validated content of a plan file: the document's fields and one tuple per site,
-    ``(name, threshold, units, constant, shape, channel_axis)``.
+    ``(name, threshold, units, constant, shape, channel_axis, coefficients or None)``.
 
     Raises:
         VelcroError: naming the file and the field, for any missing, mistyped, out-of-range or
@@ -97,18 +133,24 @@ def read_plan_file(path: str | Path, *, granularities: tuple[str, ...], scores: 
         "structure": fields.string(document, "structure"),
         "weights": fields.string(document, "weights"),
         "info": fields.dict(document, "info", default={}),
+        "ridge": _ridge(document, fields),
     }
     rows = fields.list(document, "sites", max_len=MAX_SITES)
     tensors = read_pair(path, document, fields)
     sites = [_site(row, i, tensors, granularity, fields) for i, row in enumerate(rows)]
     fields.unique_names([site[0] for site in sites], "sites")
     expected = {f"{kind}/{site[0]}" for site in sites for kind in ("units", "constant")}
+    affine = [site[0] for site in sites if site[6] is not None]
+    if affine and (result["constant"] != "affine" or granularity != "channel"):
+        raise fields.error("constant", f"is {result['constant']!r}, but site {affine[0]!r} "
+                           "holds affine coefficients")
+    expected |= {f"coefficients/{name}" for name in affine}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise fields.error("tensors", f"holds {extra[0]!r}, which no site of the JSON names")
     total = sum(math.prod(site[4]) for site in sites)
     chosen = 0
-    for _, _, units, _, shape, axis in sites:
+    for _, _, units, _, shape, axis, _ in sites:
         per_unit = 1 if granularity == "element" else math.prod(shape) // shape[axis]
         chosen += units.numel() * per_unit
     ratio = fields.number(document, "saving_ratio", low=0.0, high=1.0)
@@ -117,3 +159,10 @@ def read_plan_file(path: str | Path, *, granularities: tuple[str, ...], scores: 
                            f"{chosen / total if total else 0.0}")
     result["sites"] = sites
     return result
+
+
+def readable_json(document: dict) -> str:
+    """Indented JSON with one line per site row, so a plan reads as a table."""
+    head = json.dumps({k: v for k, v in document.items() if k != "sites"}, indent=1)[:-2]
+    body = ",\n  ".join(json.dumps(row) for row in document["sites"])
+    return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'

@@ -3,7 +3,9 @@
 :meth:`velcro.Stats.load` builds the statistics from what :func:`read_stats_file` returns:
 site names unique, counts non-negative and equal across sites, ``mean``/``m2`` float tensors
 of the declared shape, finite, ``m2`` (sums of squared deviations) never negative, and no
-tensor the metadata does not name.
+tensor the metadata does not name. Sites calibrated with ``covariance=True`` (``"covariance":
+true``) also hold ``comoment/<name>``: a finite, symmetric ``channels x channels`` matrix with
+a non-negative diagonal.
 """
 
 from __future__ import annotations
@@ -31,9 +33,23 @@ def _moment(tensors: dict, key: str, shape: tuple[int, ...], fields: Fields) -> 
     return tensor.to(torch.float64)
 
 
+def _comoment(tensors: dict, name: str, channels: int, fields: Fields) -> torch.Tensor:
+    """A site's channel co-moment: float, ``(channels, channels)``, finite, symmetric, with a
+    non-negative diagonal (sums of squared deviations)."""
+    key = f"comoment/{name}"
+    comoment = _moment(tensors, key, (channels, channels), fields)
+    scale = float(comoment.abs().max()) if comoment.numel() else 0.0
+    if comoment.numel() and float((comoment - comoment.T).abs().max()) > 1e-9 * scale:
+        raise fields.error(f"tensors.{key}", "is not symmetric; a co-moment matrix is")
+    if comoment.numel() and float(comoment.diagonal().min()) < 0:
+        raise fields.error(f"tensors.{key}", "has a negative diagonal: sums of squared "
+                           "deviations are never negative")
+    return comoment
+
+
 def read_stats_file(path: str | Path) -> dict:
     """The validated content of a statistics file: its metadata's fields and one tuple per
-    site, ``(name, count, mean, m2, channel_axis)``.
+    site, ``(name, count, mean, m2, channel_axis, comoment or None)``.
 
     Raises:
         VelcroError: naming the file and the field.
@@ -70,9 +86,13 @@ def read_stats_file(path: str | Path) -> dict:
         if m2.numel() and float(m2.min()) < 0:
             raise fields.error(f"tensors.m2/{name}", f"holds {float(m2.min())}: a sum of "
                                "squared deviations is never negative (variances would be)")
-        sites.append((name, count, mean, m2, axis))
+        comoment = None
+        if fields.get(entry, "covariance", bool, where, default=False):
+            comoment = _comoment(tensors, name, shape[axis], fields)
+        sites.append((name, count, mean, m2, axis, comoment))
     fields.unique_names([site[0] for site in sites], "sites")
     expected = {f"{kind}/{site[0]}" for site in sites for kind in ("mean", "m2")}
+    expected |= {f"comoment/{site[0]}" for site in sites if site[5] is not None}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise fields.error("tensors", f"holds {extra[0]!r}, which no site of the metadata names")

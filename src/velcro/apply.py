@@ -53,6 +53,54 @@ def check_activation_shape(x: torch.Tensor, shape: torch.Size | tuple[int, ...],
         "statistics record; on the command line, leave --resize/--crop out)")
 
 
+class AffineReplace(nn.Module):
+    """Replaces channels ``units`` by their affine prediction from the other channels.
+
+    ``out[:, r] = offset_r + sum_k coefficients[r, k] * x[:, k]`` at every position for the
+    chosen channels r (coefficients are zero on the chosen channels' own columns); the
+    other channels pass unchanged. The reference semantics of an affine channel plan.
+
+    Args:
+        units: the chosen channels.
+        offset: tensor of one image's activation shape; the chosen channels' offsets.
+        coefficients: ``(len(units), channels)``.
+        channel_axis: the channel axis of one image's tensor (0, or -1 after a linear).
+        site: the site's name, for messages.
+    """
+
+    def __init__(self, units: torch.Tensor, offset: torch.Tensor, coefficients: torch.Tensor,
+                 channel_axis: int, site: str = "") -> None:
+        super().__init__()
+        axis = channel_axis % offset.dim()
+        self.axis = axis + 1  # in the batched tensor
+        self.shape = tuple(offset.shape)  # one image's activation shape, checked per batch
+        self.site = site
+        self.register_buffer("units", units.to(torch.int64).clone())
+        self.register_buffer("offset", offset.index_select(axis, self.units).clone())
+        self.register_buffer("coefficients", coefficients.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation_shape(x, self.shape, self.site)
+        coefficients = self.coefficients.to(x.dtype)
+        if self.axis == x.dim() - 1:  # channels last (after a linear layer)
+            mixed = x @ coefficients.T
+        else:  # channels ahead of the positions (after a convolution)
+            mixed = torch.einsum("rc,nc...->nr...", coefficients, x)
+        return x.index_copy(self.axis, self.units, mixed + self.offset.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"predicted={self.units.numel()}/{self.coefficients.shape[1]}"
+
+
+def replacement(plan: Plan, name: str) -> nn.Module:
+    """The module that puts site ``name``'s plan in place (constants or predictions)."""
+    site_plan = plan.sites[name]
+    if site_plan.coefficients is not None:
+        return AffineReplace(site_plan.units, site_plan.constant, site_plan.coefficients,
+                             site_plan.channel_axis, name)
+    return ConstantReplace(plan.mask(name), site_plan.constant, name)
+
+
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """Raise VelcroError unless ``plan`` was made from statistics of ``model``."""
     Stats({}, plan.structure, plan.weights, plan.info).check_model(model,
@@ -62,9 +110,10 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
 def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule:
     """A new module whose planned activation outputs are the plan's constants.
 
-    Every other output is computed as before. The original ``model`` is not modified. This
-    is the reference semantics for both granularities; :func:`velcro.trim` computes the same
-    function with the constant filters removed.
+    Every other output is computed as before; an affine plan's channels are computed from
+    the site's kept channels (:class:`AffineReplace`). The original ``model`` is not
+    modified. This is the reference semantics for both granularities; :func:`velcro.trim`
+    computes the same function with the constant filters removed.
 
     Args:
         model: the model the plan's statistics came from.
@@ -90,8 +139,7 @@ def apply(model: nn.Module, plan: Plan, *, check: bool = True) -> fx.GraphModule
         site_plan = plan.sites.get(site.name)
         if site_plan is None or site_plan.units.numel() == 0:
             continue
-        replacers[site.name] = ConstantReplace(plan.mask(site.name), site_plan.constant,
-                                               site.name)
+        replacers[site.name] = replacement(plan, site.name)
     insert_after_sites(gm, sites, replacers, prefix="velcro_constant")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return gm.to(device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -11,15 +10,21 @@ from pathlib import Path
 
 import torch
 
+from velcro._affine import (
+    affine_constants,
+    check_affine_options,
+    residual_scores,
+)
 from velcro._format import percent, plural, shape_text
-from velcro._plan_file import FORMAT, read_plan_file
+from velcro._plan_file import FORMAT, read_plan_file, readable_json
 from velcro._validate import write_pair
 from velcro.errors import VelcroError
 from velcro.stats import SiteStats, Stats
 
 GRANULARITIES = ("element", "channel")
-SCORES = ("variance", "relative")
-CONSTANTS = ("map", "scalar")
+SCORES = ("variance", "relative", "residual")
+CONSTANTS = ("map", "scalar", "affine")
+DEFAULT_RIDGE = 0.1
 Thresholds = float | Mapping[str, float] | Sequence[float]
 
 
@@ -35,6 +40,11 @@ class SitePlan:
             the value that replaces the activation (elsewhere it is 0 and unused).
         shape: the per-image activation shape.
         channel_axis: the channel axis of that shape.
+        coefficients: affine plans only: float32 ``(len(units), channels)``, row i the
+            weights beta of the kept channels in the prediction of channel ``units[i]``
+            (zero in the trimmed channels' columns). The output at chosen channel r is then
+            ``constant_r(p) + sum_k coefficients[r, k] * a_k(p)``: ``constant`` holds the
+            offset ``mu_r - sum_k beta_rk mu_k``. None (or all zero): the constant alone.
 
     Example:
         >>> plan.sites["layer1.0.relu:0"]
@@ -46,6 +56,7 @@ class SitePlan:
     constant: torch.Tensor
     shape: tuple[int, ...]
     channel_axis: int = 0
+    coefficients: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"SitePlan: {plural(int(self.units.numel()), 'unit')} of "
@@ -72,6 +83,7 @@ class Plan:
         structure, weights: fingerprints of the model the statistics came from.
         score, constant_kind: how channels were ranked and what constant replaces them.
         info: free-form metadata saved with the plan.
+        ridge: affine plans: the ridge strength the coefficients were fitted with.
 
     ``print(plan)`` shows the headline figures; the per-site tensors stay in ``sites`` and
     :meth:`to_dict` gives everything as plain data.
@@ -92,6 +104,7 @@ class Plan:
     score: str = "variance"
     constant_kind: str = "map"
     info: dict = field(default_factory=dict)
+    ridge: float | None = None
 
     def __repr__(self) -> str:
         method = {"element": "element (VELCRO)", "channel": "channel (S-VELCRO)"}
@@ -178,7 +191,9 @@ class Plan:
             if tensors:
                 row["units"] = site.units.tolist()
                 row["constant"] = site.constant.tolist()
-        return {
+                if site.coefficients is not None:
+                    row["coefficients"] = site.coefficients.tolist()
+        document = {
             "format": FORMAT,
             "granularity": self.granularity,
             "score": self.score,
@@ -189,6 +204,9 @@ class Plan:
             "info": self.info,
             "sites": rows,
         }
+        if self.ridge is not None:  # JSON has no infinity: the mean's ridge is the string
+            document["ridge"] = str(self.ridge) if math.isinf(self.ridge) else self.ridge
+        return document
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path`` (JSON a person can read) and ``path`` + ``.safetensors`` beside it.
@@ -197,6 +215,7 @@ class Plan:
         (the indices are in the tensor file). The JSON records the SHA-256 of the tensor
         file (``tensors_sha256``), so that a JSON and tensors of different saves never load
         as one plan; both files are written to temporary names and renamed once complete.
+        Affine plans also save their coefficients (tensor file) and ridge (JSON).
 
         Example:
             >>> plan.save("cats.plan.json")  # + cats.plan.json.safetensors
@@ -206,7 +225,9 @@ class Plan:
         for name, site in self.sites.items():
             tensors[f"units/{name}"] = site.units.to(torch.int64).contiguous()
             tensors[f"constant/{name}"] = site.constant.contiguous()
-        write_pair(path, tensors, {"format": FORMAT}, self.to_dict(), _readable_json)
+            if site.coefficients is not None:
+                tensors[f"coefficients/{name}"] = site.coefficients.float().contiguous()
+        write_pair(path, tensors, {"format": FORMAT}, self.to_dict(), readable_json)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -218,17 +239,11 @@ class Plan:
         """
         content = read_plan_file(path, granularities=GRANULARITIES, scores=SCORES,
                                  constants=CONSTANTS)
-        sites = {name: SitePlan(threshold, units, constant, shape, axis)
-                 for name, threshold, units, constant, shape, axis in content["sites"]}
+        sites = {name: SitePlan(threshold, units, constant, shape, axis, coefficients)
+                 for name, threshold, units, constant, shape, axis, coefficients
+                 in content["sites"]}
         return cls(content["granularity"], sites, content["structure"], content["weights"],
-                   content["score"], content["constant"], content["info"])
-
-
-def _readable_json(document: dict) -> str:
-    """Indented JSON with one line per site row, so a plan reads as a table."""
-    head = json.dumps({k: v for k, v in document.items() if k != "sites"}, indent=1)[:-2]
-    body = ",\n  ".join(json.dumps(row) for row in document["sites"])
-    return f'{head},\n "sites": [\n  {body}\n ]\n}}\n'
+                   content["score"], content["constant"], content["info"], content["ridge"])
 
 
 def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str, float]:
@@ -264,17 +279,22 @@ def resolve_thresholds(names: Sequence[str], thresholds: Thresholds) -> dict[str
     return values
 
 
-def channel_scores(site: SiteStats, score: str = "variance") -> torch.Tensor:
+def channel_scores(site: SiteStats, score: str = "variance",
+                   ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """Per-channel locality score (lower = more constant).
 
     ``variance``: mean of the element variances over the channel. ``relative``: the
     scale-free sum(V) / sum(M^2) over the channel (a squared coefficient of variation).
+    ``residual``: the order of a greedy selection by the variance left after the ridge
+    prediction from the kept channels (needs the channel covariance; see ``velcro._affine``).
     """
     axis = site.channel_axis % site.mean.dim()
     dims = [d for d in range(site.mean.dim()) if d != axis]
     variance = site.variance
     if score == "variance":
         return variance.mean(dim=dims) if dims else variance
+    if score == "residual":
+        return residual_scores(site.channel_covariance, ridge)
     power = site.mean.square()
     if dims:
         variance, power = variance.sum(dim=dims), power.sum(dim=dims)
@@ -296,6 +316,7 @@ def plan(
     granularity: str = "element",
     score: str = "variance",
     constant: str = "map",
+    ridge: float = DEFAULT_RIDGE,
 ) -> Plan:
     """Choose, per site, the T_k fraction of units with the lowest variance.
 
@@ -306,10 +327,18 @@ def plan(
             whole unit.
         granularity: ``element`` (VELCRO, per activation element) or ``channel`` (S-VELCRO,
             whole filters).
-        score: how units are ranked: ``variance`` (lowest variance first) or ``relative``
-            (variance / mean^2, scale-free).
+        score: how units are ranked: ``variance`` (lowest variance first), ``relative``
+            (variance / mean^2, scale-free) or, for channels, ``residual`` (lowest variance
+            left after predicting each channel from the kept ones, greedily; needs
+            statistics calibrated with ``covariance=True``).
         constant: for channels, replace by the channel's mean map (``map``, exact for any
-            downstream linear layer) or by one scalar per channel (``scalar``).
+            downstream linear layer), by one scalar per channel (``scalar``), or by the
+            affine prediction from the site's kept channels (``affine``: the mean map plus
+            a ridge regression on the kept channels' deviations from theirs; needs
+            statistics calibrated with ``covariance=True``; see ``velcro._affine``).
+        ridge: ``affine`` constants and ``residual`` scores: the ridge strength, relative
+            to each kept channel's variance (``math.inf``: the mean map). Choose it on
+            held-out images: :func:`velcro.search` does.
 
     Returns:
         A :class:`Plan`; ``plan.saving_ratio`` is the papers' C.
@@ -318,13 +347,16 @@ def plan(
         >>> p = velcro.plan(stats, {"layer4.1.relu:1": 0.5}, granularity="channel")
         >>> p.saving_ratio
         0.0108...
+        >>> stats = velcro.calibrate(model, loader, covariance=True)
+        >>> p = velcro.plan(stats, 0.3, granularity="channel", constant="affine", ridge=0.1)
     """
     if granularity not in GRANULARITIES:
         raise VelcroError(f"granularity '{granularity}' is unknown; use 'element' or 'channel'")
     if score not in SCORES:
-        raise VelcroError(f"score '{score}' is unknown; use 'variance' or 'relative'")
+        raise VelcroError(f"score '{score}' is unknown; use one of {', '.join(SCORES)}")
     if constant not in CONSTANTS:
-        raise VelcroError(f"constant '{constant}' is unknown; use 'map' or 'scalar'")
+        raise VelcroError(f"constant '{constant}' is unknown; use one of {', '.join(CONSTANTS)}")
+    check_affine_options(stats, granularity, score, constant, ridge)
     if stats.count == 0:
         raise VelcroError("statistics hold no images; calibrate on at least one image")
     fractions = resolve_thresholds(stats.names, thresholds)
@@ -332,6 +364,7 @@ def plan(
     for name, site in stats.sites.items():
         fraction = fractions[name]
         mean = site.mean
+        coefficients = None
         if granularity == "element":
             if score == "variance":
                 scores = site.variance.flatten()
@@ -342,8 +375,11 @@ def plan(
             values = torch.zeros(mean.numel(), dtype=torch.float64)
             values[units] = mean.flatten()[units]
             values = values.view(mean.shape)
+        elif constant == "affine":
+            units = _choose(channel_scores(site, score, ridge), fraction)
+            values, coefficients = affine_constants(site, units, ridge)
         else:
-            units = _choose(channel_scores(site, score), fraction)
+            units = _choose(channel_scores(site, score, ridge), fraction)
             axis = site.channel_axis % mean.dim()
             source = mean
             if constant == "scalar":
@@ -354,6 +390,6 @@ def plan(
             index[axis] = units
             values[tuple(index)] = source[tuple(index)]
         sites[name] = SitePlan(fraction, units, values.to(torch.float32).contiguous(),
-                               tuple(mean.shape), site.channel_axis)
+                               tuple(mean.shape), site.channel_axis, coefficients)
     return Plan(granularity, sites, stats.structure, stats.weights, score, constant,
-                dict(stats.info))
+                dict(stats.info), ridge if constant == "affine" else None)

@@ -1,4 +1,9 @@
-"""Per-site streaming statistics: count, mean and population variance, in float64."""
+"""Per-site streaming statistics: count, mean and population variance, in float64.
+
+Optionally (``velcro.calibrate(..., covariance=True)``) also the channel co-moment of each
+site: the ``channels x channels`` sums of products of deviations from the per-position means,
+over images and positions, which the affine constants of :func:`velcro.plan` are fitted from.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from safetensors.torch import save_file
 
 from velcro._format import plural, shape_text
 from velcro._io import atomic_path
-from velcro._moments import update_moments
+from velcro._moments import merge_comoment, update_comoment, update_moments
 from velcro._stats_file import FORMAT, read_stats_file
 from velcro.errors import VelcroError
 
@@ -22,6 +27,9 @@ class SiteStats:
 
     ``mean`` and ``m2`` (sum of squared deviations) are float64 tensors with the shape of one
     image's activation (batch axis removed); ``count`` is the number of images seen.
+    ``comoment``, when kept, is the float64 ``(channels, channels)`` sum over images m and
+    positions p of ``(a_k(m, p) - mean_k(p)) * (a_r(m, p) - mean_r(p))``: deviations from the
+    per-position means (None when not kept; an empty tensor before the first image).
 
     Example:
         >>> site = stats["layer1.0.relu:0"]
@@ -35,6 +43,7 @@ class SiteStats:
     mean: torch.Tensor
     m2: torch.Tensor
     channel_axis: int = 0
+    comoment: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         figures = ""
@@ -73,18 +82,51 @@ class SiteStats:
             return torch.zeros_like(self.m2)
         return self.m2 / self.count
 
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis] if self.shape else 1
+
+    @property
+    def positions(self) -> int:
+        """Elements per channel (h x w after a convolution)."""
+        return self.mean.numel() // max(1, self.channels)
+
+    @property
+    def channel_covariance(self) -> torch.Tensor:
+        """``(channels, channels)`` covariance of deviations from the per-position means,
+        averaged over images and positions (``comoment / (count * positions)``)."""
+        if self.comoment is None or self.comoment.shape != (self.channels, self.channels):
+            raise VelcroError(
+                "these statistics hold no channel covariance; calibrate with "
+                "velcro.calibrate(..., covariance=True) (`velcro calibrate --covariance`)"
+            )
+        return self.comoment / max(1, self.count * self.positions)
+
     def update(self, batch: torch.Tensor) -> None:
         """Add a batch (first axis = images): float64 Welford, image by image."""
+        if self.comoment is not None:  # before the means move: it reads the old ones
+            self.comoment = update_comoment(self.count, self.mean, self.comoment, batch,
+                                            self.channel_axis)
         self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2, batch)
 
-    def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        """Fold in the moments of another set of images (exact, Chan et al.)."""
+    def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor,
+                      comoment_b: torch.Tensor | None = None) -> None:
+        """Fold in the moments of another set of images (exact, Chan et al.).
+
+        The co-moment survives only when both sides have one (or one side is empty).
+        """
         n_a = self.count
         if n_b == 0:
             return
         if n_a == 0:
             self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
+            self.comoment = None if comoment_b is None else comoment_b.clone()
             return
+        if self.comoment is not None and comoment_b is not None:
+            self.comoment = merge_comoment(n_a, self.mean, self.comoment, n_b, mean_b,
+                                           comoment_b, self.channel_axis)
+        else:
+            self.comoment = None
         n = n_a + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
@@ -149,6 +191,13 @@ class Stats:
                 "sites": {name: site.to_dict(tensors) for name, site in self.sites.items()}}
 
     @property
+    def has_covariance(self) -> bool:
+        """Every site holds its channel co-moment (``calibrate(..., covariance=True)``)."""
+        return bool(self.sites) and all(
+            s.comoment is not None and s.comoment.shape == (s.channels, s.channels)
+            for s in self.sites.values())
+
+    @property
     def count(self) -> int:
         """Number of images the statistics were computed on."""
         counts = {s.count for s in self.sites.values()}
@@ -186,8 +235,9 @@ class Stats:
         merged = {}
         for name, a in self.sites.items():
             b = other.sites[name]
-            site = SiteStats(a.count, a.mean.clone(), a.m2.clone(), a.channel_axis)
-            site.merge_moments(b.count, b.mean, b.m2)
+            site = SiteStats(a.count, a.mean.clone(), a.m2.clone(), a.channel_axis,
+                             None if a.comoment is None else a.comoment.clone())
+            site.merge_moments(b.count, b.mean, b.m2, b.comoment)
             merged[name] = site
         return Stats(merged, self.structure, self.weights, dict(self.info))
 
@@ -222,10 +272,12 @@ class Stats:
         for name, s in self.sites.items():
             tensors[f"mean/{name}"] = s.mean.contiguous()
             tensors[f"m2/{name}"] = s.m2.contiguous()
-            sites_meta.append(
-                {"name": name, "shape": list(s.shape), "count": s.count,
-                 "channel_axis": s.channel_axis}
-            )
+            row = {"name": name, "shape": list(s.shape), "count": s.count,
+                   "channel_axis": s.channel_axis}
+            if s.comoment is not None and s.comoment.shape == (s.channels, s.channels):
+                tensors[f"comoment/{name}"] = s.comoment.contiguous()
+                row["covariance"] = True
+            sites_meta.append(row)
         meta = {
             "format": FORMAT,
             "structure": self.structure,
@@ -242,6 +294,6 @@ class Stats:
         """Read statistics written by :meth:`save`, validating every field (see
         :mod:`velcro._stats_file`): non-finite or negative moments are refused."""
         content = read_stats_file(path)
-        sites = {name: SiteStats(count, mean, m2, axis)
-                 for name, count, mean, m2, axis in content["sites"]}
+        sites = {name: SiteStats(count, mean, m2, axis, comoment)
+                 for name, count, mean, m2, axis, comoment in content["sites"]}
         return cls(sites, content["structure"], content["weights"], content["info"])

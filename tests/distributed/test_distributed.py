@@ -73,6 +73,10 @@ def scenarios():
         "loader_max": (chain, DataLoader(labelled13, batch_size=4), {"max_images": 6}),
         # one batch: rank 1 has no image at all
         "one_batch": (chain, DataLoader(labelled13, batch_size=16), {}),
+        # channel co-moments: uneven shards, and a rank with no image
+        "covariance_list": (residual, images(shape_r, 21, seed=4, batch=4),
+                            {"covariance": True}),
+        "covariance_one_batch": (chain, [x13], {"covariance": True}),
     }
 
 
@@ -253,7 +257,11 @@ def assert_stats_close(merged: velcro.Stats, reference: velcro.Stats) -> None:
     for name in reference.names:
         got, want = merged[name], reference[name]
         assert got.count == want.count, name
-        for a, b in ((got.mean, want.mean), (got.m2, want.m2)):
+        assert (got.comoment is None) == (want.comoment is None), name
+        pairs = [(got.mean, want.mean), (got.m2, want.m2)]
+        if want.comoment is not None:
+            pairs.append((got.comoment, want.comoment))
+        for a, b in pairs:
             scale = float(b.abs().max())
             # relative to each element, and to the site's scale where an element is ~0
             error = (a - b).abs() / torch.maximum(b.abs(), torch.tensor(scale * 1e-3))
@@ -284,6 +292,9 @@ def check_api(tmp_path: Path) -> None:
             for a, b in zip(merged[0].sites.values(), merged[1].sites.values(), strict=True):
                 assert a.count == b.count  # every rank ends with the very same bits
                 assert torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+                assert (a.comoment is None) == ("covariance" not in options)
+                if a.comoment is not None:
+                    assert torch.equal(a.comoment, b.comoment)
             reference = velcro.calibrate(model, data, progress=False, **options)
             assert merged[0].count == reference.count == options.get("max_images", 21 if
                                                                      "list" in name else 13)

@@ -54,6 +54,9 @@ def add_parser(subparsers) -> None:
                        metavar="F",
                        help="share set aside for a threshold search (default 0)")
     group.add_argument("--seed", type=values.SEED, default=0, help="split seed (default 0)")
+    group.add_argument("--covariance", action="store_true",
+                       help="also keep each site's channel covariance (channels^2 float64 per "
+                            "site), needed by --constant affine plans")
     common.add_runtime_options(parser)
     parser.set_defaults(run=run, preflight=preflight)
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         })
     loader = common.make_loader(folder.subset(the_split["calibration"]), args, device)
     stats = velcro.calibrate(model, loader, max_images=args.max_images,
-                             progress=common.progress(args))
+                             progress=common.progress(args), covariance=args.covariance)
     skipped = loader.skipped_list()
     split_file = str(split_path if split_path is not None else args.split)
     stats.info.update({
@@ -129,12 +132,16 @@ def run(args: argparse.Namespace) -> int:
         "split": split_file, "split_counts": the_split.counts(),
         "calibration_images": stats.count, "skipped": skipped,
         "sites": len(stats), "activation_elements": elements, "stats": str(stats_path),
+        "covariance_bytes": sum(s.comoment.numel() * 8 for s in stats.sites.values()
+                                if s.comoment is not None),
     }
     counts = ", ".join(f"{n} {name}" for name, n in the_split.counts().items())
     lines = [
         f"calibrated {type(model).__name__} on {plural(stats.count, 'image')} "
         f"(task {data.task or 'all folders'}; split {counts})",
-        f"{plural(len(stats), 'activation site')}, {plural(elements, 'element')} per image",
+        f"{plural(len(stats), 'activation site')}, {plural(elements, 'element')} per image"
+        + (f"; channel covariances {summary['covariance_bytes'] / 2**20:.1f} MiB"
+           if args.covariance else ""),
         *data.lines(),
         f"wrote {stats_path}" + (f" and {split_path}" if split_path is not None else ""),
         *common.skipped_lines(skipped),

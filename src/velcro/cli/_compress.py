@@ -14,7 +14,7 @@ from velcro.apply import check_plan_fits
 from velcro.cli import _common as common
 from velcro.cli._files import Files
 from velcro.errors import VelcroError
-from velcro.plan import CONSTANTS, GRANULARITIES, SCORES, Plan, resolve_thresholds
+from velcro.plan import CONSTANTS, DEFAULT_RIDGE, GRANULARITIES, SCORES, Plan, resolve_thresholds
 from velcro.stats import Stats
 
 DESCRIPTION = """\
@@ -46,9 +46,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--granularity", default="element", choices=GRANULARITIES,
                         help="element (VELCRO) or channel (S-VELCRO); default element")
     parser.add_argument("--score", default="variance", choices=SCORES,
-                        help="channel ranking: variance or relative (variance / mean^2)")
+                        help="channel ranking: variance, relative (variance / mean^2) or "
+                             "residual (variance left after the prediction from the kept "
+                             "channels; stats from calibrate --covariance)")
     parser.add_argument("--constant", default="map", choices=CONSTANTS,
-                        help="channel constant: the mean map or one scalar per channel")
+                        help="channel constant: the mean map, one scalar per channel, or "
+                             "affine: predicted from the site's kept channels (stats from "
+                             "calibrate --covariance)")
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE, metavar="R",
+                        help="affine constants / residual scores: ridge strength, relative "
+                             f"to each channel's variance (default {DEFAULT_RIDGE}; inf: the "
+                             "mean); `velcro search --constant affine` chooses it")
     parser.add_argument("-o", "--output", metavar="PLAN", help="plan file to write (.json)")
     parser.add_argument("--trim", metavar="FILE.json",
                         help="also write the trimmed model (JSON + .safetensors beside it, "
@@ -178,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             common.named("--stats", args.stats, stats.check_model, model)
         thresholds = parse_thresholds(args.thresholds, stats.names)
         plan = velcro.plan(stats, thresholds, granularity=args.granularity, score=args.score,
-                           constant=args.constant)
+                           constant=args.constant, ridge=args.ridge)
         plan.info.update({**common.carried_info(stats), "stats": str(args.stats),
                           "thresholds_given": args.thresholds})
     if trim_path is not None and plan.granularity != "channel":

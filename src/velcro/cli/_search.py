@@ -104,6 +104,13 @@ def add_parser(subparsers) -> None:
                        help="profile levels per site (default 8)")
     group.add_argument("--refine-rounds", type=values.REFINE_ROUNDS, default=3, metavar="N",
                        help="refinement rounds (default 3)")
+    group.add_argument("--constant", default="map", choices=("map", "scalar", "affine"),
+                       help="channel constant: the mean map (default), one scalar per "
+                            "channel, or affine: predicted from the site's kept channels "
+                            "(stats from calibrate --covariance; the ridge is chosen on the "
+                            "search images, and mean maps are kept if they save more)")
+    group.add_argument("--ridge", type=float, default=None, metavar="R",
+                       help="affine: fix the ridge strength instead (inf: the mean)")
     group = parser.add_argument_group("output")
     group.add_argument("-o", "--output", required=True, metavar="PLAN",
                        help="plan file to write (.json); the summary and report go beside it")
@@ -174,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
                     criterion=args.criterion, tolerance=args.tolerance,
                     confidence=args.confidence, check_fraction=args.check_fraction,
                     objective=args.objective, budget=args.budget,
+                    constant=args.constant, ridge=args.ridge,
                     schedule=SearchSchedule(levels=args.levels,
                                             refine_rounds=args.refine_rounds),
                     progress=show)

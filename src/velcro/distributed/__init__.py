@@ -87,9 +87,9 @@ def _tensor_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def merge_moments(parts: list[tuple[int, torch.Tensor, torch.Tensor]],
-                  channel_axis: int = 0) -> SiteStats:
-    """Merge ``(count, mean, m2)`` parts with Chan's formula, strictly in the given order.
+def merge_moments(parts: list[tuple], channel_axis: int = 0) -> SiteStats:
+    """Merge ``(count, mean, m2)`` or ``(count, mean, m2, comoment)`` parts with Chan's
+    formula, strictly in the given order.
 
     The same parts in the same order give the same bits, which is what lets every rank end
     with identical statistics.
@@ -101,15 +101,16 @@ def merge_moments(parts: list[tuple[int, torch.Tensor, torch.Tensor]],
     """
     merged = SiteStats(0, torch.zeros(0, dtype=torch.float64),
                        torch.zeros(0, dtype=torch.float64), channel_axis)
-    for count, mean, m2 in parts:
-        merged.merge_moments(count, mean, m2)
+    for count, mean, m2, *comoment in parts:
+        merged.merge_moments(count, mean, m2, comoment[0] if comoment else None)
     return merged
 
 
 def merge_stats(stats: Stats, group: dist.ProcessGroup | None = None) -> Stats:
     """Merge every rank's partial statistics into the statistics of all their images.
 
-    Counts, means and M2 are gathered in float64 (one site at a time, so memory stays at
+    Counts, means and M2 (and the channel co-moments, where calibrated with
+    ``covariance=True``) are gathered in float64 (one site at a time, so memory stays at
     one site's worth per rank) and merged with Chan's formula in rank order on every rank:
     all ranks return bit-identical :class:`Stats`. A rank that saw no image contributes
     nothing.
@@ -129,10 +130,12 @@ def merge_stats(stats: Stats, group: dist.ProcessGroup | None = None) -> Stats:
         "structure": stats.structure,
         "weights": stats.weights,
         "sites": [(name, s.count, list(s.shape)) for name, s in stats.sites.items()],
+        "covariance": all(s.comoment is not None for s in stats.sites.values()),
     }
     layouts: list = [None] * world
     dist.all_gather_object(layouts, layout, group=group)
     _check_same_model(layouts)
+    covariance = all(lay["covariance"] for lay in layouts)
     device = _tensor_device(group)
     merged = {}
     for index, (name, site) in enumerate(stats.sites.items()):
@@ -156,8 +159,24 @@ def merge_stats(stats: Stats, group: dist.ProcessGroup | None = None) -> Stats:
         dist.all_gather(gathered, local, group=group)
         counts = [lay["sites"][index][1] for lay in layouts]
         parts = [(n, g[0].cpu(), g[1].cpu()) for n, g in zip(counts, gathered, strict=True)]
+        if covariance:
+            comoments = _gather_comoment(site, shape, device, group)
+            parts = [(*part, c) for part, c in zip(parts, comoments, strict=True)]
         merged[name] = merge_moments(parts, site.channel_axis)
     return Stats(merged, stats.structure, stats.weights, dict(stats.info))
+
+
+def _gather_comoment(site: SiteStats, shape: tuple[int, ...], device: torch.device,
+                     group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """Every rank's ``(channels, channels)`` co-moment of one site (zeros where no image)."""
+    channels = shape[site.channel_axis]
+    local = site.comoment if site.count else None
+    if local is None or local.shape != (channels, channels):
+        local = torch.zeros((channels, channels), dtype=torch.float64)
+    local = local.to(device=device, dtype=torch.float64).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return [g.cpu() for g in gathered]
 
 
 def _check_same_model(layouts: list[dict]) -> None:

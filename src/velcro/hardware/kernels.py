@@ -310,6 +310,13 @@ def conv_sites(model: nn.Module, plan: Plan, *, backend: str = "auto") -> dict[s
         >>> sorted(kernels)[:2]
         ['layer1.0.relu:0', 'layer1.0.relu:1']
     """
+    affine = [name for name, site in plan.sites.items() if site.coefficients is not None]
+    if affine:
+        raise VelcroError(
+            f"site '{affine[0]}' of this plan is predicted from its kept channels (an affine "
+            "plan); the skipping kernels emit constants only: trim the model (velcro.trim) "
+            "or make the plan with constant='map'"
+        )
     gm = trace(model, recorded_example(model, plan.info))
     result = {}
     for name, layer in site_layers(gm).items():

@@ -74,11 +74,20 @@ from tqdm.auto import tqdm
 from velcro.calibrate import model_device
 from velcro.errors import VelcroError
 from velcro.graph.capture import recorded_example
+from velcro.plan import Thresholds
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._check import backoff_path, fixed_sequence, split_check
 from velcro.search._criteria import CRITERIA, Guard, check_settings
 from velcro.search._evaluator import CandidateEvaluator, load_batches
 from velcro.search._result import SearchResult, SearchSchedule
+from velcro.search._ridge import (
+    RIDGES,
+    choose_ridge,
+    make_rankings,
+    ridge_settings,
+    scaled_path,
+    set_site_ridges,
+)
 from velcro.search._steps import Searcher
 from velcro.search._validate import validate
 from velcro.stats import Stats
@@ -134,6 +143,9 @@ def search(
     cache_mb: float = 1024.0,
     reuse: SearchResult | None = None,
     progress: bool = True,
+    ridge: float | str | None = None,
+    ridges: Sequence[float] = RIDGES,
+    start: Thresholds | None = None,
 ) -> SearchResult:
     """Per-site thresholds maximising ``objective`` with the ``criterion`` loss within
     ``tolerance`` (at ``confidence``), checked on search images held back from the search.
@@ -159,8 +171,10 @@ def search(
         score: how units are ranked: ``variance``, ``relative`` or a hook
             ``score(site_name, site_stats) -> per-channel scores`` (lowest replaced first),
             e.g. :func:`filter_norm_score` or :func:`random_score` for baselines.
-        constant: ``map`` (the mean), ``scalar`` (per-channel scalar) or ``zero`` (a
-            zero-pruning baseline).
+        constant: ``map`` (the mean), ``scalar`` (per-channel scalar), ``zero`` (a
+            zero-pruning baseline) or ``affine`` (channels predicted from the kept ones
+            where that folds or costs little, mean maps elsewhere; statistics calibrated
+            with ``covariance=True``; see ``velcro.search._ridge``).
         schedule: profile levels, uniform check, refinement and check points
             (:class:`SearchSchedule`).
         task_classes: restrict the argmax to these classes (default: all, the papers').
@@ -168,6 +182,13 @@ def search(
         reuse: an earlier result on the same model, statistics, data and ranking; its
             evaluations are reused (a sweep over tolerances profiles once).
         progress: show a progress bar on stderr.
+        ridge: ``affine`` constants (and ``residual`` scores): the ridge strength. None:
+            chosen per site on the search split (less its check images), and the result
+            compared with a mean-map search (never below it there); ``"grid"``: one search
+            per ``ridges``.
+        ridges: the grid of ``ridge="grid"``.
+        start: thresholds to begin from (e.g. another search's ``thresholds``): they and
+            their multiples up to 2x are bisected first, then the usual phases follow.
 
     Returns:
         A :class:`SearchResult`.
@@ -193,10 +214,18 @@ def search(
     levels = schedule.levels
     if levels < 1:
         raise VelcroError(f"schedule levels {levels} is too small; profile at least one level")
+    if constant == "affine" and (ridge is None or ridge == "grid"):
+        return choose_ridge(search, ridge, ridges, model=model, stats=stats, data=data,
+                            granularity=granularity, criterion=criterion,
+                            tolerance=tolerance, confidence=confidence,
+                            check_fraction=check_fraction, objective=objective,
+                            budget=budget, score=score, constant=constant,
+                            schedule=schedule, task_classes=task_classes,
+                            cache_mb=cache_mb, reuse=reuse, progress=progress)
     stats.check_model(model)
     began = time.perf_counter()
     guard = Guard(criterion, tolerance, confidence)
-    rankings = Rankings(stats, granularity, score, constant)
+    rankings = make_rankings(model, stats, granularity, score, constant, ridge)
     batches = load_batches(data, model_device(model))
     if criterion == "accuracy" and batches[0][1] is None:
         raise VelcroError("criterion 'accuracy' needs labelled search images; give (images, "
@@ -212,6 +241,7 @@ def search(
     evaluator = CandidateEvaluator(model, rankings, batches, task_classes=task_classes,
                                    cache_mb=cache_mb, example=example)
     weights = _site_weights(model, rankings, objective, evaluator.batches[0][0])
+    set_site_ridges(rankings, model, evaluator.batches)
     memo = None
     if reuse is not None and reuse.settings.get("key") == _reuse_key(rankings, evaluator):
         memo = reuse.memo
@@ -221,6 +251,8 @@ def search(
                file=sys.stderr, leave=False)
     with bar:
         searcher = Searcher(evaluator, rankings, weights, guard, budget, memo, bar)
+        if start is not None:  # the start, then all its thresholds scaled up together
+            searcher.bisect_path(scaled_path(rankings, start), "start")
         curves = (searcher.profile([i / levels for i in range(1, levels + 1)])
                   if schedule.profile else searcher.no_profile())
         searcher.bisect_path(searcher.capped_uniform_path(curves, levels), "capped-uniform")
@@ -248,6 +280,7 @@ def search(
             phases[row["phase"]] = phases.get(row["phase"], 0) + 1
     settings = {
         "score": rankings.score_name, "constant": constant, **schedule.to_dict(),
+        **ridge_settings(rankings),
         "budget": budget, "task_classes": list(task_classes) if task_classes else None,
         "cache_mb": cache_mb, "evaluations_per_phase": phases, "check_fraction": check_fraction,
         "searched_objective": searcher.objective(searched),
@@ -318,5 +351,5 @@ def _reuse_key(rankings: Rankings, evaluator: CandidateEvaluator) -> str:
               int(torch.cat([labels.cpu() for _, labels in evaluator.batches]).sum()))
     checksum = float(sum(float(x.double().sum()) for x, _ in evaluator.batches))
     return (f"{rankings.stats.structure}/{rankings.stats.weights}/{rankings.granularity}/"
-            f"{rankings.score_name}/{rankings.constant}/{evaluator.images}/"
+            f"{rankings.score_name}/{rankings.constant}/{rankings.ridge}/{evaluator.images}/"
             f"{labels}/{checksum:.6e}/{evaluator.task_classes is not None}")

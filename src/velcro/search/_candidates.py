@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from velcro._affine import affine_constants, heldout_errors
 from velcro.errors import VelcroError
-from velcro.plan import SCORES, Plan, SitePlan, channel_scores
+from velcro.plan import DEFAULT_RIDGE, SCORES, Plan, SitePlan, channel_scores, check_affine_options
 from velcro.stats import SiteStats, Stats
 
 ScoreFn = Callable[[str, SiteStats], torch.Tensor]
-CONSTANTS = ("map", "scalar", "zero")
+CONSTANTS = ("map", "scalar", "zero", "affine")
 
 
 @dataclass
@@ -39,10 +40,46 @@ class SiteRanking:
     channel_axis: int
     units: int
     elements: int
+    stats: SiteStats | None = None  # affine sites: the statistics the predictions come from
+    ridge: float = math.inf
+    ridges: tuple[float, ...] = ()  # chosen per count on ``heldout`` when given
+    heldout: SiteStats | None = None
+    _affine: dict = field(default_factory=dict, repr=False)
 
     def count(self, fraction: float) -> int:
         """Units chosen for ``fraction``: rounded like ``velcro.plan``."""
         return min(self.units, int(math.floor(fraction * self.units + 0.5)))
+
+    def affine(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(units, offset map, float32 coefficients) of the first ``count`` channels predicted
+        from the rest, or None where the prediction is the mean (not an affine site, or the
+        ridge chosen is inf)."""
+        if self.stats is None or count == 0 or (math.isinf(self.ridge) and not self.ridges):
+            return None
+        if count not in self._affine:
+            if len(self._affine) > 16:  # a search walks a few counts per site at a time
+                self._affine.clear()
+            units = torch.sort(self.order[:count]).values.to(torch.int64)
+            ridge = self.chosen_ridge(units)
+            offset, coefficients = affine_constants(self.stats, units, ridge)
+            self._affine[count] = (None if coefficients is None else
+                                   (units, offset.to(torch.float32), coefficients))
+        return self._affine[count]
+
+    def chosen_ridge(self, units: torch.Tensor) -> float:
+        """The fixed ridge, or the one of ``ridges`` with the least error on ``heldout``
+        (ties: the stronger; ``inf``, the mean map, is always a candidate)."""
+        if not self.ridges:
+            return self.ridge
+        if self.heldout is None:
+            raise VelcroError("per-site ridges need held-out statistics (Rankings.heldout)")
+        candidates = sorted(set(self.ridges) | {math.inf}, reverse=True)
+        errors = heldout_errors(self.stats, self.heldout, units, candidates)
+        best = 0
+        for index, error in enumerate(errors):
+            if error < errors[best]:
+                best = index
+        return candidates[best]
 
     def mask(self, count: int, granularity: str) -> torch.Tensor:
         if granularity == "element":
@@ -56,7 +93,8 @@ class SiteRanking:
         return chosen.view(view).expand(self.shape).contiguous()
 
 
-def _unit_scores(name: str, site: SiteStats, granularity: str, score: str | ScoreFn):
+def _unit_scores(name: str, site: SiteStats, granularity: str, score: str | ScoreFn,
+                 ridge: float = DEFAULT_RIDGE):
     channels = site.shape[site.channel_axis % len(site.shape)] if site.shape else 1
     elements = math.prod(site.shape)
     if callable(score):
@@ -76,7 +114,7 @@ def _unit_scores(name: str, site: SiteStats, granularity: str, score: str | Scor
     if score not in SCORES:
         raise VelcroError(f"score '{score}' is unknown; use 'variance', 'relative' or a callable")
     if granularity == "channel":
-        return channel_scores(site, score)
+        return channel_scores(site, score, ridge)
     if score == "variance":
         return site.variance.flatten()
     tiny = torch.finfo(torch.float64).tiny
@@ -102,34 +140,55 @@ class Rankings:
         granularity: ``element`` or ``channel``.
         score: ``variance``, ``relative`` or a score hook (see the module docstring).
         constant: ``map`` (the mean), ``scalar`` (per-channel scalar mean, channel
-            granularity) or ``zero`` (a zero-pruning baseline).
+            granularity), ``zero`` (a zero-pruning baseline) or ``affine`` (the prediction
+            from the kept channels, channel granularity; see :func:`velcro.plan`).
+        ridge: ``affine`` constants and ``residual`` scores: the ridge strength.
+        affine_sites: ``affine`` constants: the sites that get predictions (default all);
+            the others get their mean maps.
+        ridges: ``affine`` constants: choose the ridge per site and count among these (and
+            ``inf``) by the prediction error on held-out images, whose statistics
+            :meth:`set_heldout` gives (``ridge`` then only ranks ``residual`` scores).
     """
 
     def __init__(self, stats: Stats, granularity: str, score: str | ScoreFn = "variance",
-                 constant: str = "map") -> None:
+                 constant: str = "map", ridge: float = DEFAULT_RIDGE,
+                 affine_sites: Collection[str] | None = None,
+                 ridges: Collection[float] = ()) -> None:
         if granularity not in ("element", "channel"):
             raise VelcroError(f"granularity '{granularity}' is unknown; use 'element' or 'channel'")
         if constant not in CONSTANTS:
             raise VelcroError(f"constant '{constant}' is unknown; use 'map', 'scalar' or 'zero'")
         if stats.count == 0:
             raise VelcroError("statistics hold no images; calibrate on at least one image")
+        check_affine_options(stats, granularity, score if isinstance(score, str) else "",
+                             constant, ridge)
         self.stats = stats
+        self.ridge = ridge
+        self.ridges = tuple(float(r) for r in ridges)
         self.granularity = granularity
         self.score_name = score if isinstance(score, str) else getattr(score, "__name__", "custom")
         self.constant = constant
         self.sites: list[SiteRanking] = []
         for name, site in stats.sites.items():
-            scores = _unit_scores(name, site, granularity, score)
+            scores = _unit_scores(name, site, granularity, score, ridge)
             order = torch.sort(scores, stable=True).indices
             shape = tuple(site.shape)
             elements = math.prod(shape)
             units = elements if granularity == "element" else int(scores.numel())
+            affine = constant == "affine" and (affine_sites is None or name in affine_sites)
             self.sites.append(SiteRanking(name, order, _source(site, granularity, constant),
-                                          shape, site.channel_axis, units, elements))
+                                          shape, site.channel_axis, units, elements,
+                                          site if affine else None, ridge, self.ridges))
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    def set_heldout(self, heldout: Stats) -> None:
+        """Statistics (with covariance) of held-out images, to choose per-site ridges on."""
+        for ranking in self.sites:
+            ranking.heldout = heldout[ranking.name]
+            ranking._affine.clear()
 
     def counts(self, fractions) -> tuple[int, ...]:
         """Units chosen per site for per-site fractions (a sequence in site order)."""
@@ -150,10 +209,24 @@ class Rankings:
             units = torch.sort(ranking.order[:count]).values.to(torch.int64)
             mask = ranking.mask(count, self.granularity)
             constant = torch.where(mask, ranking.source, torch.zeros((), dtype=torch.float32))
+            affine = ranking.affine(int(count))
+            coefficients = None
+            if affine is not None:
+                constant, coefficients = affine[1], affine[2]
             sites[ranking.name] = SitePlan(float(fraction), units, constant.contiguous(),
-                                           ranking.shape, ranking.channel_axis)
+                                           ranking.shape, ranking.channel_axis, coefficients)
+        info = dict(self.stats.info)
+        if self.constant == "affine" and self.ridges:
+            info["ridges"] = {
+                r.name: _readable(r.chosen_ridge(torch.sort(r.order[:c]).values))
+                for r, c in zip(self.sites, counts, strict=True) if r.stats is not None and c}
         return Plan(self.granularity, sites, self.stats.structure, self.stats.weights,
-                    self.score_name, self.constant, dict(self.stats.info))
+                    self.score_name, self.constant, info,
+                    self.ridge if self.constant == "affine" and not self.ridges else None)
+
+
+def _readable(ridge: float) -> float | str:
+    return "inf" if math.isinf(ridge) else ridge
 
 
 def filter_norm_score(model: nn.Module) -> ScoreFn:

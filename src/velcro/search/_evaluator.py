@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.apply import ConstantReplace, check_activation_shape
+from velcro.apply import AffineReplace, ConstantReplace, check_activation_shape
 from velcro.calibrate import model_device
 from velcro.distributed import process_group
 from velcro.errors import VelcroError
@@ -182,6 +182,8 @@ class CandidateEvaluator:
                 self.last_use[arg] = i
         self.modules = dict(gm.named_modules())
         self.masks: list[torch.Tensor | None] = [None] * len(sites)
+        # affine candidates: per site the module computing the predictions, or None
+        self.predictors: list[AffineReplace | None] = [None] * len(sites)
         self._mask_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.task_classes = (torch.as_tensor(list(task_classes), device=self.device)
                              if task_classes else None)
@@ -201,6 +203,7 @@ class CandidateEvaluator:
 
     def _set_masks(self, counts) -> None:
         for k, (ranking, count) in enumerate(zip(self.rankings.sites, counts, strict=True)):
+            self.predictors[k] = self._predictor(ranking, count)
             if count == 0:
                 self.masks[k] = None
                 continue
@@ -211,6 +214,18 @@ class CandidateEvaluator:
                 mask = ranking.mask(count, self.rankings.granularity)
                 self._mask_cache[key] = mask.to(self.device)
             self.masks[k] = self._mask_cache[key]
+
+    def _predictor(self, ranking, count: int) -> AffineReplace | None:
+        affine = ranking.affine(count)
+        if affine is None:
+            return None
+        key = ("affine", ranking.name, count)
+        if key not in self._mask_cache:
+            units, offset, coefficients = affine
+            module = AffineReplace(units, offset, coefficients, ranking.channel_axis,
+                                   ranking.name)
+            self._mask_cache[key] = module.to(self.device)
+        return self._mask_cache[key]
 
     def _best_entry(self, counts) -> _Entry:
         best = self.root
@@ -235,8 +250,11 @@ class CandidateEvaluator:
                     mask = self.masks[site]
                     module = self.modules[node.target]
                     check_activation_shape(args[0], module.mask.shape, module.site)
-                    value = args[0] if mask is None else torch.where(
-                        mask, module.constant.to(args[0].dtype), args[0])
+                    if self.predictors[site] is not None:
+                        value = self.predictors[site](args[0])
+                    else:
+                        value = args[0] if mask is None else torch.where(
+                            mask, module.constant.to(args[0].dtype), args[0])
                 else:
                     value = self.modules[node.target](*args, **kwargs)
             elif node.op == "call_function":

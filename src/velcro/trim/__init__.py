@@ -19,6 +19,10 @@ analysis and ``_build`` for the code it generates):
    with the constants put back, so it computes exactly what it did (only its own savings
    are lost).
 
+Affine plans (``constant="affine"``) are first folded into the graph by ``_affine``: the
+predictions go into the weights of the consumers linear in the site, and are computed
+explicitly (a 1x1 convolution over the kept channels) before any other consumer.
+
 The result equals ``velcro.apply(model, plan)`` up to float rounding.
 """
 
@@ -39,6 +43,7 @@ from velcro.graph import find_sites, trace
 from velcro.graph.capture import recorded_example
 from velcro.plan import Plan
 from velcro.trim import _analysis, _normalize, _report, _serialize
+from velcro.trim._affine import fold_affine
 from velcro.trim._build import Builder
 
 __all__ = ["load_trimmed", "save_trimmed", "trim"]
@@ -154,6 +159,8 @@ def trim(
         _normalize.functional_to_modules(gm, _analysis.record(gm, example))
         _normalize.fold_linear_batchnorm(gm)
         _analysis.fold_batchnorm(gm)
+        nodes = {node.name: node for node in gm.graph.nodes}
+        fold_affine(gm, {name: nodes[by_name[name].node] for name in plan.sites}, plan)
         values = _analysis.record(gm, example)
     except VelcroError:
         raise

@@ -204,6 +204,8 @@ def _forward(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],
         if source_state is not None and bool(source_state.const.all()):
             state.const[:] = True  # every input channel constant: so is every output
             state.value = run_on(gm, node, {source: source_state.value})
+        elif source is not None:
+            _zero_filters(gm, node, source, values, state)
         states[node] = state
     elif kind == "channelwise":
         state = fresh(value, source_state.axis)
@@ -245,6 +247,23 @@ def _forward_part(node: fx.Node, split: fx.Node, values: dict[fx.Node, object],
     placement.forward_select(source, span[0], span[1], values[node], states, node)
     ranges[node] = (source, span[0], span[1])
     return "select"
+
+
+def _zero_filters(gm: fx.GraphModule, node: fx.Node, source: fx.Node,
+                  values: dict[fx.Node, object], state: ChannelState) -> None:
+    """A filter whose weights are all zero outputs its bias whatever it reads: a constant.
+
+    (The explicit predictions of affine plans are such convolutions: see ``_affine``.)
+    """
+    weight = gm.get_submodule(node.target).weight.detach()
+    zero = ~weight.flatten(1).ne(0).any(dim=1)
+    if not bool(zero.any()) or not isinstance(values.get(source), torch.Tensor):
+        return
+    output = run_on(gm, node, {source: torch.zeros_like(values[source])})
+    view = [1] * output.dim()
+    view[state.axis] = -1
+    state.const = zero
+    state.value = output * zero.view(view).to(output.dtype)
 
 
 def _forward_sum(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, object],

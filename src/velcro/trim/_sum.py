@@ -13,7 +13,13 @@ import torch.fx as fx
 
 from velcro.trim import _ops as ops
 from velcro.trim._analysis import Physical, positions
-from velcro.trim._modules import ChannelSelect, ChannelSum, rebuild, split_uniform
+from velcro.trim._modules import (
+    ChannelSelect,
+    ChannelSum,
+    Materialize,
+    rebuild,
+    split_uniform,
+)
 from velcro.trim._writer import GraphWriter
 
 
@@ -32,9 +38,10 @@ def emit_sum(builder: GraphWriter, node: fx.Node) -> None:
         (positions(op[2].layout, state.channels)[layout] >= 0).all())]
     covering = [op for op in covering if op[1] > 0]
     if not covering:
-        full = [builder.materialize(n) for n in (a, b)]
-        new = builder.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(full))
-        builder._record(node, Physical(new, torch.arange(state.channels)))
+        # each side in the needed layout (its missing needed channels are constants)
+        parts = [_in_layout(builder, n, layout, axis) for n in (a, b)]
+        new = builder.graph.call_function(torch.add if sign > 0 else torch.sub, tuple(parts))
+        builder._record(node, Physical(new, layout))
         return
     base = covering[0]
     other = operands[1] if base is operands[0] else operands[0]
@@ -76,6 +83,26 @@ def emit_sum(builder: GraphWriter, node: fx.Node) -> None:
         return
     module = ChannelSum(signs, sources, targets, axis, inplace)
     builder._record(node, Physical(builder._helper("sum", module, tuple(inputs)), layout))
+
+
+def _in_layout(builder: GraphWriter, node: fx.Node, layout: torch.Tensor,
+               axis: int) -> fx.Node:
+    """``node``'s channels ``layout``, in that order: computed ones picked, constants placed.
+
+    Channels outside ``layout`` may be missing without being constants (nobody needs them).
+    """
+    phys, state = builder.physical(node, axis), builder.state(node, axis)
+    where = positions(phys.layout, state.channels)[layout]
+    if phys.node is not None and torch.equal(phys.layout, layout):
+        return phys.node
+    missing = layout[where < 0]
+    assert bool(state.const[missing].all()), f"{node.name}: channels lost"
+    order = where.clone()
+    order[where < 0] = phys.layout.numel() + torch.arange(missing.numel())
+    constant = state.value.index_select(axis, missing)
+    module = Materialize(constant, order, axis, computed=phys.node is not None)
+    source = phys.node if phys.node is not None else builder.batch_source
+    return builder._helper("materialize", module, (source,))
 
 
 def _fold_into_producer(builder: GraphWriter, new_node: fx.Node, constant: torch.Tensor, axis: int,
