@@ -213,7 +213,11 @@ def markdown(document: dict, methods, figures: Path) -> str:
     errors = [r for r in rows if "error" in r]
     seconds = sum(r.get("seconds", 0) for r in rows)
     lines = [BEGIN, "## Real networks: the papers' experiment and the guarded search "
-             "(issues 12 and 14)", "", f"`{meta.get('command', 'bench_real.py')}`", "",
+             "(issues 12 and 14)", "",
+             "The rows come from these runs (each with `--resume`: a row is computed once):",
+             "", *[f"    {c}" for c in meta.get("commands") or [meta.get("command",
+                                                                        "bench_real.py")]],
+             "",
              f"Machine: {meta.get('machine', '?')}. Rows: {len(rows)}, {seconds / 60:.0f} min "
              f"of row time (last run {meta.get('wall_seconds_last_run', 0) / 60:.0f} min of "
              f"wall time). Search schedule '{meta.get('schedule')}'; search split at most "

@@ -100,7 +100,12 @@ class Store:
         self.document = {"meta": meta, "rows": []}
         if resume and path.is_file():
             self.document = json.loads(path.read_text())
-            self.document["meta"] = {**self.document.get("meta", {}), **meta}
+            old = self.document.get("meta", {})
+            commands = old.get("commands") or ([old["command"]] if "command" in old else [])
+            self.document["meta"] = {**old, **meta,
+                                     "commands": [*commands, meta["command"]]}
+        else:
+            self.document["meta"]["commands"] = [meta["command"]]
         self.done = {key(r) for r in self.document["rows"]}
 
     def add(self, row: dict) -> None:
