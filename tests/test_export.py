@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import TOPOLOGIES, build, images, randomize_batchnorm
+from zoo import TOPOLOGIES, Misaligned, build, images, randomize_batchnorm
 
 import velcro
 from velcro.errors import VelcroError
@@ -182,22 +182,6 @@ def test_without_bias_maps_or_placements_the_trimmed_graph_is_no_larger(tmp_path
     assert_onnxruntime_agrees(small, trimmed, x)
     assert len(graph_of(trimmed).node) <= len(graph_of(original).node)
     assert velcro.cost(small, x[:1]).macs < velcro.cost(model, x[:1]).macs
-
-
-class Misaligned(nn.Module):
-    """A residual sum whose sides compute different channels, and a transposed output."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.c = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        a = F.relu(self.a(x))
-        b = F.relu(self.b(x))
-        s = F.relu(self.c(a) + b)
-        return (s - a).transpose(1, 3).flatten(1)
 
 
 def test_channel_placement_and_materialize_export_statically(tmp_path):

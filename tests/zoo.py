@@ -106,6 +106,22 @@ class Depthwise(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1))
 
 
+class Misaligned(nn.Module):
+    """A residual sum whose sides compute different channels, and a transposed output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        a = F.relu(self.a(x))
+        b = F.relu(self.b(x))
+        s = F.relu(self.c(a) + b)
+        return (s - a).transpose(1, 3).flatten(1)
+
+
 class MLP(nn.Module):
     """Linear layers only, with GELU and ReLU activations."""
 

@@ -5,9 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from zoo import images
+from zoo import Misaligned, images
 
 import velcro
 from velcro.trim._modules import ChannelSelect, ChannelSum, Materialize
@@ -86,22 +84,6 @@ def test_materialize_places_computed_channels_among_the_constants():
     out = selected(y)
     torch.testing.assert_close(out, y[:, 2:5])
     assert out.data_ptr() != y.data_ptr()  # a copy: a sum may add into it
-
-
-class Misaligned(nn.Module):
-    """A residual sum whose sides compute different channels, and a transposed output."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(3, 8, 1)
-        self.c = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        a = F.relu(self.a(x))
-        b = F.relu(self.b(x))
-        s = F.relu(self.c(a) + b)
-        return (s - a).transpose(1, 3).flatten(1)
 
 
 def test_a_loaded_trimmed_model_finds_its_static_forms_again(tmp_path):

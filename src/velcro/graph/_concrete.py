@@ -121,7 +121,27 @@ class DefaultsMixin:
         return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
 
 
-class ConcreteTracer(DefaultsMixin, fx.Tracer):
+class CulpritMixin:
+    """A tracer that remembers which module it is in, to name the culprit on failure."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.current: list[str] = []
+        self.failed_in: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self.current.append(self.path_of_module(m))  # type: ignore[attr-defined]
+        try:
+            return super().call_module(m, forward, args, kwargs)  # type: ignore[misc]
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.current[-1]
+            raise
+        finally:
+            self.current.pop()
+
+
+class ConcreteTracer(CulpritMixin, DefaultsMixin, fx.Tracer):
     """``fx.Tracer`` whose proxies carry values (see the module docstring)."""
 
     def __init__(self, examples: tuple[torch.Tensor, ...]) -> None:
@@ -131,8 +151,6 @@ class ConcreteTracer(DefaultsMixin, fx.Tracer):
         self.values: dict[fx.Node, tuple[Any, Any]] = {}
         self.placeholders = 0
         self.running = False
-        self.current: list[str] = []
-        self.failed_in: str | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ValueProxy(node, self)
@@ -147,15 +165,7 @@ class ConcreteTracer(DefaultsMixin, fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self.running:  # a leaf's own forward, run for its value
             return forward(*args, **kwargs)
-        self.current.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.current[-1]
-            raise
-        finally:
-            self.current.pop()
+        return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
         if self.running:

@@ -60,3 +60,12 @@ def is_plain(module: nn.Module, classes: type | tuple[type, ...]) -> bool:
 def is_torch_module(module: nn.Module) -> bool:
     """A ``torch.nn`` module, or a subclass that adds no behaviour of its own."""
     return _plain_class(type(module))
+
+
+def hashable(target: object) -> bool:
+    """``target`` can be looked up in a set or dict (a node's target may be any object)."""
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True

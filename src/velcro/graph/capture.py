@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from velcro.errors import VelcroError
-from velcro.graph._concrete import ConcreteTracer, DefaultsMixin
+from velcro.graph._concrete import ConcreteTracer, CulpritMixin, DefaultsMixin
 from velcro.graph._plain import is_torch_module
 
 CAPTURE_SHAPE = "velcro_capture_shape"
@@ -74,24 +74,8 @@ class CaptureCheck(nn.Module):
         return f"shape={self.shape}"
 
 
-class _Tracer(DefaultsMixin, fx.Tracer):
-    """A tracer that remembers which module it is in, to name the culprit on failure."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current: list[str] = []
-        self.failed_in: str | None = None
-
-    def call_module(self, m, forward, args, kwargs):
-        self.current.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.current[-1]
-            raise
-        finally:
-            self.current.pop()
+class _Tracer(CulpritMixin, DefaultsMixin, fx.Tracer):
+    """Symbolic fx that names the module it failed in."""
 
 
 def _examples(example_inputs: object) -> tuple[torch.Tensor, ...] | None:

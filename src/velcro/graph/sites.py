@@ -46,7 +46,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.graph._plain import is_plain
+from velcro.graph._plain import hashable, is_plain
 
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu",
@@ -107,14 +107,6 @@ _JOIN_METHODS = ("add", "add_", "mul", "mul_")
 _LEADING_RESHAPES = ("reshape_as", "view_as", "contiguous")
 
 
-def _hashable(target: object) -> bool:
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class Site:
     """One activation call of a traced model.
@@ -157,7 +149,7 @@ def _activation_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
         return module_kind(gm.get_submodule(node.target))
     if node.op == "call_function":
-        kind = ACTIVATION_FUNCTIONS.get(node.target) if _hashable(node.target) else None
+        kind = ACTIVATION_FUNCTIONS.get(node.target) if hashable(node.target) else None
         if kind == "hardtanh":
             low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
             high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
@@ -178,7 +170,7 @@ def see_through(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node] | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return [first] if first is not None and is_plain(module, TRANSPARENT_MODULES) else None
-    if node.op == "call_function" and _hashable(node.target):
+    if node.op == "call_function" and hashable(node.target):
         if node.target in _JOINS:
             return _tensor_inputs(node)
         if node.target in TRANSPARENT_FUNCTIONS and first is not None:
@@ -249,7 +241,7 @@ def _producer(gm: fx.GraphModule, node: fx.Node, seen: set[str] | None = None) -
     seen.add(node.name)
     if node.op == "call_module" and is_plain(gm.get_submodule(node.target), PRODUCER_MODULES):
         return node.target
-    if node.op == "call_function" and _hashable(node.target) and (
+    if node.op == "call_function" and hashable(node.target) and (
             node.target in PRODUCER_FUNCTIONS):
         return functional_producer_name(gm, node)
     for source in see_through(gm, node) or []:

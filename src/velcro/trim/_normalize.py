@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.graph._plain import is_plain
+from velcro.graph._plain import hashable, is_plain
 from velcro.graph.layers import batchnorm_affine
 from velcro.graph.sites import functional_producer_name
 from velcro.trim import _ops as ops
@@ -192,7 +192,7 @@ def functional_to_modules(gm: fx.GraphModule, values: dict[fx.Node, object]) -> 
     namer = _Namer(gm)
     replaced = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not _hashable(node.target):
+        if node.op != "call_function" or not hashable(node.target):
             continue
         if node.target in _CONVS or node.target is F.linear:
             params = [_argument(node, 1, "weight"), _argument(node, 2, "bias")]
@@ -242,14 +242,6 @@ def _erase_unused(gm: fx.GraphModule, nodes: set[fx.Node]) -> None:
                 gm.graph.erase_node(node)
                 nodes.discard(node)
                 changed = True
-
-
-def _hashable(target: object) -> bool:
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
 
 
 def fold_linear_batchnorm(gm: fx.GraphModule) -> int:

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velcro.graph._plain import is_plain
+from velcro.graph._plain import hashable, is_plain
 
 CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -79,14 +79,6 @@ SCALAR_FUNCTIONS = set(SUM_FUNCTIONS) | {operator.mul, operator.imul, torch.mul,
 SCALAR_METHODS = set(SUM_METHODS) | {"mul", "mul_", "div", "div_"}
 
 
-def _hashable(target: object) -> bool:
-    try:
-        hash(target)
-    except TypeError:
-        return False
-    return True
-
-
 def is_depthwise(module: nn.Module) -> bool:
     """A convolution whose every group reads one input channel."""
     return (is_plain(module, CONV_MODULES) and module.groups == module.in_channels
@@ -112,7 +104,7 @@ def is_shape_read(node: fx.Node) -> bool:
 
 def split_dim(node: fx.Node) -> int | None:
     """The axis of ``torch.split(x, sizes, dim)`` / ``x.chunk(n, dim)``, else None."""
-    if node.op == "call_function" and _hashable(node.target) and node.target in (
+    if node.op == "call_function" and hashable(node.target) and node.target in (
             torch.split, torch.chunk):
         pass
     elif not (node.op == "call_method" and node.target in ("split", "chunk")):
@@ -190,7 +182,7 @@ def _is_number(value: object) -> bool:
 
 def _sum_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
     """(a, b, sign) for ``a + b`` / ``a - b`` of two nodes, else None."""
-    if node.op == "call_function" and _hashable(node.target) and node.target in SUM_FUNCTIONS:
+    if node.op == "call_function" and hashable(node.target) and node.target in SUM_FUNCTIONS:
         sign = SUM_FUNCTIONS[node.target]
     elif node.op == "call_method" and node.target in SUM_METHODS:
         sign = SUM_METHODS[node.target]
@@ -212,7 +204,7 @@ def sum_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, int]:
 
 def _scalar_arithmetic(node: fx.Node) -> bool:
     if node.op == "call_function":
-        known = _hashable(node.target) and node.target in SCALAR_FUNCTIONS
+        known = hashable(node.target) and node.target in SCALAR_FUNCTIONS
     else:
         known = node.op == "call_method" and node.target in SCALAR_METHODS
     if not known or len(node.args) != 2 or node.kwargs:
@@ -306,7 +298,7 @@ def classify(gm: fx.GraphModule, node: fx.Node, channel_axis: int | None,
         return "select"
     if _spatial_slicing(node, channel_axis):
         return "channelwise"
-    if node.op == "call_function" and _hashable(node.target) and _only_first_is_node(node) and (
+    if node.op == "call_function" and hashable(node.target) and _only_first_is_node(node) and (
             node.target in ELEMENTWISE_FUNCTIONS
             or node.target in SPATIAL_FUNCTIONS and channel_axis == 1):
         return "channelwise"
