@@ -76,11 +76,12 @@ def time_convolutions(signature: ConvSignature, widths: tuple[int, ...]) -> list
 
     with torch.inference_mode():
         for conv in convs:  # warm-up: allocation, kernel selection
-            timed(conv, 2)
+            timed(conv, 1)
         once = max(timed(convs[0], 1), 1e-7)
         calls = max(1, min(1000, round(SAMPLE_S / once)))
         per_round = once * calls * len(convs)
-        rounds = max(3, min(ROUNDS, int(BUDGET_S / per_round)))
+        # two rounds at least (one in each order); slow convolutions get no more
+        rounds = max(2, min(ROUNDS, int(BUDGET_S / per_round)))
         samples: list[list[float]] = [[] for _ in widths]
         for round_index in range(rounds):
             order = range(len(convs)) if round_index % 2 == 0 else reversed(range(len(convs)))
