@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from zoo import build, images
 
 import velcro
-from velcro.errors import VelcroError
+from velcro.errors import VelcroError, VelcroWarning
 from velcro.trim import _widths
 
 
@@ -260,3 +260,27 @@ def test_the_real_timer_runs_and_auto_with_it_stays_exact(narrow, monkeypatch):
     assert small.velcro_channel_widths["conv2"] in (10, 16)
     assert len(_widths._measured) == 2
     assert_trim_equals_apply(model, plan, small, x)
+
+
+def test_a_convolution_that_cannot_be_timed_keeps_its_exact_count(narrow, timer):
+    model, plan, x = narrow
+
+    def out_of_memory(signature, widths):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    timer(out_of_memory)
+    with pytest.warns(VelcroWarning, match="could not time .* out of memory"):
+        small = velcro.trim(model, plan)
+    assert small.velcro_channel_widths == {"conv1": 14, "conv2": 10}
+    assert_trim_equals_apply(model, plan, small, x)
+
+
+def test_numpy_integers_count_as_integers(narrow):
+    np = pytest.importorskip("numpy")
+    model, plan, _ = narrow
+    assert velcro.trim(model, plan, channel_multiple=np.int64(8)).velcro_channel_widths == {
+        "conv1": 16, "conv2": 16}
+    widths = {"conv1": np.int32(16), "conv2": np.int64(10)}
+    rebuilt = velcro.trim(model, plan, channel_multiple=widths).velcro_channel_widths
+    assert rebuilt == {"conv1": 16, "conv2": 10}
+    assert all(type(w) is int for w in rebuilt.values())  # plain JSON

@@ -119,13 +119,14 @@ def trim(
         channel_multiple: the filter count of each trimmed convolution (``groups == 1``;
             the extra filters are zero, and :func:`velcro.cost` counts them). ``"auto"``
             (default): where the live count k is not a multiple of 8, time the convolution
-            as it will run (its input channels and size, on the model's device and dtype,
-            batch ``auto_batch``) with k and with k rounded up to 8, interleaved, and round
-            only where the median is at least 5% faster (kernels often run multiples of 8
-            faster, but on narrow layers the extra MACs can cost more than they save).
-            Timings are cached per process; it costs about 0.1-0.3 s per trimmed
-            convolution measured. An integer m: round up to a multiple of m (never above the
-            original count); 1 keeps exactly the live filters. A dict (a trimmed model's
+            as it will run (its input channels and size, the model's device and dtype,
+            batch ``auto_batch``, torch's current thread count) with k and with k rounded
+            up to 8, interleaved, and round only where the median is at least 5% faster
+            (kernels often run multiples of 8 faster, but on narrow layers the extra MACs
+            can cost more than they save). Timings are cached per process; each costs up
+            to about 0.3 s (ResNet-18 at 224x224: 0.4 s in all on one CPU thread). An
+            integer m: round up to a multiple of m (never above the original count); 1
+            keeps exactly the live filters. A dict (a trimmed model's
             ``velcro_channel_widths``): exactly these widths, each from k to the original
             count, for every trimmed convolution.
         auto_batch: the batch size ``"auto"`` times at (the one you will run).

@@ -18,15 +18,17 @@ keep their group layout (:mod:`velcro.trim._grouped`) and depthwise ones follow 
 
 from __future__ import annotations
 
+import numbers
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from velcro.errors import VelcroError
+from velcro.errors import VelcroError, VelcroWarning
 
 ALIGNMENT = 8  # the width "auto" tries: what CPU and GPU kernels vectorise over
 MARGIN = 0.05  # the rounded width must be this much faster (median) to be taken
@@ -99,7 +101,14 @@ def rounded_is_faster(signature: ConvSignature, count: int, rounded: int) -> boo
     """Whether ``rounded`` filters run at least ``MARGIN`` faster than ``count`` (cached)."""
     key = (signature, count, rounded)
     if key not in _measured:
-        exact_s, rounded_s = measure(signature, (count, rounded))
+        try:
+            exact_s, rounded_s = measure(signature, (count, rounded))
+        except RuntimeError as exc:  # out of memory, say: the exact count is always right
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"channel_multiple='auto' could not time a {signature.in_channels}-"
+                          f"channel convolution on {signature.device} ({first[:120]}); it "
+                          f"keeps its {count} filters", VelcroWarning, stacklevel=2)
+            exact_s, rounded_s = 1.0, 1.0
         _measured[key] = (float(exact_s), float(rounded_s))
     exact_s, rounded_s = _measured[key]
     return rounded_s <= (1.0 - MARGIN) * exact_s
@@ -107,23 +116,24 @@ def rounded_is_faster(signature: ConvSignature, count: int, rounded: int) -> boo
 
 def check_policy(channel_multiple: object) -> int | str | dict[str, int]:
     """``trim``'s ``channel_multiple`` checked: a positive int, "auto", or a widths dict."""
-    if channel_multiple == "auto" and isinstance(channel_multiple, str):
+    if isinstance(channel_multiple, str) and channel_multiple == "auto":
         return "auto"
-    if isinstance(channel_multiple, int) and not isinstance(channel_multiple, bool):
+    if isinstance(channel_multiple, numbers.Integral) and not isinstance(channel_multiple,
+                                                                          bool):
         if channel_multiple < 1:
             raise VelcroError(f"channel_multiple must be a positive integer, 'auto' or a dict "
                               f"of widths, got {channel_multiple!r}")
-        return channel_multiple
+        return int(channel_multiple)
     if isinstance(channel_multiple, Mapping):
         widths = {}
         for name, width in channel_multiple.items():
             if not isinstance(name, str) or not name or len(name) > MAX_WIDTH_NAME:
                 raise VelcroError(f"channel_multiple: key {str(name)[:80]!r} is not a module "
                                   "name; pass the velcro_channel_widths of a trimmed model")
-            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
                 raise VelcroError(f"channel_multiple[{name!r}] must be a positive filter "
                                   f"count, got {str(width)[:80]!r}")
-            widths[name] = width
+            widths[name] = int(width)
         return widths
     raise VelcroError(f"channel_multiple must be a positive integer, 'auto' or a dict of "
                       f"widths (a trimmed model's velcro_channel_widths), got "
