@@ -24,7 +24,7 @@ and channel plans at T = 0.3 and 0.5, one row with:
   others, the op chain from producer to site is kept;
 - trim vs apply (max |a - b| / max |b| on a random batch of 2), and trim of an empty plan
   (T = 0) vs the original model;
-- MACs and parameters saved (``velcro.cost``, default ``channel_multiple=8``);
+- MACs and parameters saved (``velcro.cost``, ``channel_multiple=8``, the former default);
 - save/load: ``save_trimmed`` + ``load_trimmed`` give identical outputs, else the first line;
 - ONNX: ``velcro.export_onnx`` (``check=False``) of the original and the T = 0.5 trimmed
   model, onnxruntime vs torch (max relative difference), node counts and data-dependent
@@ -235,7 +235,8 @@ def run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, en
     entry["saving_ratio"] = plan.saving_ratio
     with torch.no_grad():
         applied = attempt(entry, "apply", lambda: velcro.apply(model, plan)(x))
-    small = attempt(entry, "trim", lambda: velcro.trim(model, plan, input_shape=shape))
+    small = attempt(entry, "trim", lambda: velcro.trim(model, plan, input_shape=shape,
+                                                       channel_multiple=8))
     if small is None:
         return
     with torch.no_grad():

@@ -99,12 +99,20 @@ class Builder(GraphWriter):
                 shared = partner_layout[needed[partner_layout]]
                 rest = layout[positions(partner_layout, needed.numel())[layout] < 0]
                 layout = torch.cat([shared, rest])
-        count, multiple = layout.numel(), self.channel_multiple
-        module = self.gm.get_submodule(node.target)
-        if count and multiple > 1 and isinstance(module, ops.CONV_MODULES):
-            padded = min(-(-count // multiple) * multiple, needed.numel())
-            layout = torch.cat([layout, torch.full((padded - count,), PAD)])
         return layout
+
+    def _padded(self, node: fx.Node, layout: torch.Tensor, target: str,
+                in_phys: Physical) -> torch.Tensor:
+        """``layout`` with zero filters (PAD) appended to the width ``channel_multiple``
+        chooses; only trimmed ``groups == 1`` convolutions are padded."""
+        module = self.gm.get_submodule(node.target)
+        count, full = layout.numel(), self.a.needed[node].numel()
+        if node in self.requests or not isinstance(module, ops.CONV_MODULES) or count == full:
+            return layout
+        value = self.a.values[ops.tensor_arg(node)]
+        width = self.widths.width(target, module, count, full, in_phys.layout.numel(),
+                                  tuple(value.shape[2:]), value.dtype)
+        return torch.cat([layout, torch.full((width - count,), PAD)])
 
     def _producer(self, node: fx.Node) -> None:
         module = self.gm.get_submodule(node.target)
@@ -126,6 +134,8 @@ class Builder(GraphWriter):
             in_state = self.state(source, in_axis)
             in_phys = self.physical(source, in_axis)
         assert in_phys.node is not None, f"{node.name} has no computed input"
+        target = self._register(node.target, object())  # its name, before its width
+        layout = self._padded(node, layout, target, in_phys)
         in_layout = in_phys.layout
         folded = in_state.const.clone()
         folded[in_layout[in_layout >= 0]] = False
@@ -150,7 +160,7 @@ class Builder(GraphWriter):
             uniform, bias_map = split_uniform(contribution, state.axis)
             bias = bias + uniform
         new = rebuild(module, new_weight, bias, bias_map)
-        target = self._register(node.target, new)
+        self.modules[target] = new
         new_node = self.graph.call_module(target, (in_phys.node,))
         self.producers[new_node] = target
         self.fresh.add(new_node)

@@ -325,8 +325,26 @@ def _sites(document: dict, graph: fx.Graph, fields: Fields) -> dict[str, str | N
     return dict(sites)
 
 
-def load(path: str | Path) -> tuple[fx.GraphModule, dict, tuple[int, ...]]:
-    """``(model, sites, input_shape)`` from a file written by ``_serialize.save``."""
+def _channel_widths(document: dict, gm: fx.GraphModule, fields: Fields) -> dict[str, int]:
+    """``velcro_channel_widths``: each names a convolution of the graph with that many filters
+    (absent in files saved before it was recorded)."""
+    widths = fields.dict(document, "channel_widths", default={})
+    for name, width in widths.items():
+        where = fields.join("channel_widths", name)
+        try:
+            module = gm.get_submodule(name) if len(name) <= MAX_NAME else None
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            raise fields.error(where, "names no convolution of the graph")
+        if type(width) is not int or width != module.out_channels:
+            raise fields.error(where, f"is {show(width)}; the convolution has "
+                               f"{module.out_channels} filters")
+    return dict(widths)
+
+
+def load(path: str | Path) -> tuple[fx.GraphModule, dict, tuple[int, ...], dict[str, int]]:
+    """``(model, sites, input_shape, channel_widths)`` from a file ``_serialize.save`` wrote."""
     path = Path(path)
     fields = Fields(path, "trimmed model", FIX)
     if not path.is_file():
@@ -355,4 +373,5 @@ def load(path: str | Path) -> tuple[fx.GraphModule, dict, tuple[int, ...]]:
         if value.is_meta:
             raise fields.error("modules", f"leave {name!r} without a value in the file")
     shape = fields.shape(document, "input_shape") if "input_shape" in document else ()
-    return gm.eval(), _sites(document, graph, fields), shape
+    return (gm.eval(), _sites(document, graph, fields), shape,
+            _channel_widths(document, gm, fields))

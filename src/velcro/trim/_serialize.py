@@ -156,6 +156,7 @@ def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
         "modules": modules, "attributes": attributes, "nodes": nodes,
         "sites": getattr(module, "velcro_sites", {}),
         "input_shape": list(getattr(module, "velcro_input_shape", ()) or ()),
+        "channel_widths": dict(getattr(module, "velcro_channel_widths", {}) or {}),
     }
     write_pair(path, tensors, {"format": FORMAT}, document,
                lambda doc: json.dumps(doc, indent=1) + "\n")
@@ -164,9 +165,10 @@ def save(module: fx.GraphModule, path: str | os.PathLike) -> Path:
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
     """Rebuild a model written by :func:`save`; see :func:`velcro.load_trimmed`."""
-    module, sites, input_shape = _deserialize.load(path)
+    module, sites, input_shape, widths = _deserialize.load(path)
     preserve(module, "velcro_sites", sites)
     preserve(module, "velcro_input_shape", input_shape)
+    preserve(module, "velcro_channel_widths", widths)
     return module
 
 

@@ -15,14 +15,16 @@ import torch.nn as nn
 
 from velcro.trim._analysis import Analysis, ChannelState, Physical, positions
 from velcro.trim._modules import Materialize
+from velcro.trim._widths import WidthChooser
 
 
 class GraphWriter:
     """State shared by the trimming pass: the new graph, its modules and the layouts."""
-    def __init__(self, gm: fx.GraphModule, analysis: Analysis, channel_multiple: int = 1) -> None:
+    def __init__(self, gm: fx.GraphModule, analysis: Analysis,
+                 widths: WidthChooser | None = None) -> None:
         self.gm = gm
         self.a = analysis
-        self.channel_multiple = channel_multiple
+        self.widths = widths if widths is not None else WidthChooser(1, torch.device("cpu"))
         self.graph = fx.Graph()
         self.modules: dict[str, object] = {}
         self.env: dict[fx.Node, fx.Node] = {}
