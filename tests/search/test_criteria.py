@@ -1,5 +1,7 @@
 """Fidelity criteria, the paired confidence guard and the nested check of the search."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from scipy.stats import beta
 from tinytask import one_thread, trained_task
 
 import velcro
-from velcro.errors import VelcroError
+from velcro.errors import VelcroError, VelcroWarning
 from velcro.search import search
 from velcro.search._check import backoff_path, fixed_sequence, split_check
 from velcro.search._criteria import (
@@ -259,3 +261,35 @@ def test_accuracy_criterion_on_a_single_class_warns(task):
     with pytest.warns(UserWarning, match="single class"):
         search(task["model"], task["stats"], one_class, criterion="accuracy", tolerance=0.05,
                confidence=None, check_fraction=0.0, budget=2, progress=False)
+
+
+def test_guard_resolution_says_when_two_swapped_predictions_already_fail():
+    """50 images at 2 points and 80%: a plan that loses one image and gains another (no net
+    loss) fails, so only unchanged predictions pass; 150 images resolve it. Checked against
+    the guard's own verdict on that tally and on the next larger change."""
+    guard = Guard("accuracy", 0.02, 0.8)
+
+    def swap(images, lost=1, gained=1):
+        return Tally(images, changed=lost + gained, baseline_correct=images - gained,
+                     correct=images - lost, lost=lost, gained=gained)
+
+    assert not guard.resolves(50) and not guard.passes(swap(50))
+    assert guard.resolves(150) and guard.passes(swap(150))
+    verdicts = [guard.resolves(n) for n in range(2, 400)]
+    first = verdicts.index(True)
+    assert all(verdicts[first:]), "resolution is monotone in the image count"
+    assert Guard("accuracy", 0.02, None).resolves(2)  # point estimates: no net loss passes
+    assert not Guard("agreement", 0.02, None).resolves(40)  # 1 of 40 changed is 2.5%
+    assert Guard("agreement", 0.02, None).resolves(50)
+    assert Guard("kl", 0.01, 0.9).resolves(2)
+
+
+def test_search_warns_when_its_check_images_cannot_resolve_the_tolerance(task):
+    batches = task["search"]
+    with pytest.warns(VelcroWarning, match="check images cannot resolve"):
+        search(task["model"], task["stats"], batches, criterion="accuracy", tolerance=0.02,
+               confidence=0.8, check_fraction=0.1, budget=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VelcroWarning)
+        search(task["model"], task["stats"], batches, criterion="accuracy", tolerance=0.02,
+               confidence=None, check_fraction=0.1, budget=2, progress=False)

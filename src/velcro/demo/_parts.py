@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from velcro._format import percent, plural, points
+from velcro.search import SearchResult, SearchSchedule, search
 
 
 def loader(dataset: TensorDataset, batch_size: int = 256) -> DataLoader:
@@ -57,3 +61,24 @@ def format_table(rows: list[dict]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([render(header), rule, *(render(r) for r in lines)])
+
+
+def guard_note(found: SearchResult) -> str:
+    """What the searches kept, in a line: the tolerance, the estimate, the check."""
+    held = found.check["images"] if found.check else 0
+    estimate = ("point estimates" if found.confidence is None
+                else f"{percent(found.confidence, 0)} confidence bounds")
+    bound = ("no top-1 loss" if found.tolerance == 0
+             else f"top-1 within {points(found.tolerance).lstrip('+')}")
+    line = f"search: {bound} on {plural(found.search_images, 'search image')} ({estimate})"
+    return line + (f", checked on {held} held back from them." if held else ".")
+
+
+def search_plan(model: nn.Module, stats, data, granularity: str, budget: int | None,
+                schedule: SearchSchedule, progress: bool, options: dict) -> SearchResult:
+    """The most saving plan the search's guard accepts on ``data`` (and its held-back check):
+    C for element plans, MACs for channel plans (those are trimmed, so their MACs are really
+    saved)."""
+    objective = "saving_ratio" if granularity == "element" else "macs"
+    return search(model, stats, data, granularity=granularity, objective=objective,
+                  budget=budget, schedule=schedule, progress=progress, **options)

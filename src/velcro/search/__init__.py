@@ -77,7 +77,7 @@ from velcro.graph.capture import recorded_example
 from velcro.plan import Thresholds
 from velcro.search._candidates import Rankings, ScoreFn, filter_norm_score, random_score
 from velcro.search._check import backoff_path, fixed_sequence, split_check
-from velcro.search._criteria import CRITERIA, Guard, check_settings
+from velcro.search._criteria import CRITERIA, Guard, check_settings, warn_unresolved
 from velcro.search._evaluator import CandidateEvaluator, load_batches
 from velcro.search._result import SearchResult, SearchSchedule
 from velcro.search._ridge import (
@@ -237,6 +237,7 @@ def search(
     check_batches: list = []
     if check_fraction > 0:
         batches, check_batches, check_indices = split_check(batches, check_fraction)
+    warn_unresolved(guard, [("search", batches), ("check", check_batches)])
     example = recorded_example(model, stats.info)  # where only a capture at that size works
     evaluator = CandidateEvaluator(model, rankings, batches, task_classes=task_classes,
                                    cache_mb=cache_mb, example=example)

@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from velcro.errors import VelcroError
+from velcro.errors import VelcroError, VelcroWarning
 
 CRITERIA = ("agreement", "kl", "accuracy")
 UNITS = {"agreement": "of top-1 predictions changed", "kl": "nats of mean KL divergence",
@@ -283,6 +284,42 @@ class Guard:
             return tally.correct >= tally.baseline_correct - self.tolerance * tally.images - 1e-9
         return self.bound(tally) <= self.tolerance + 1e-12
 
+    def resolves(self, images: int) -> bool:
+        """Whether ``images`` images can show a loss within the tolerance at all: a plan that
+        changes two of their top-1 predictions with no net loss (one image lost, one gained;
+        for agreement: one changed) must pass. When it cannot, the guard accepts only plans
+        that change nothing there, whatever the tolerance says.
+
+        Example:
+            >>> guard = Guard("accuracy", 0.02, 0.8)
+            >>> guard.resolves(50), guard.resolves(150)
+            (False, True)
+        """
+        if images < 2:
+            return False
+        if self.criterion == "kl":
+            return True  # a continuous loss: no smallest step
+        if self.criterion == "agreement":
+            return self.passes(Tally(images, changed=1))
+        return self.passes(Tally(images, changed=2, baseline_correct=images - 1,
+                                 correct=images - 1, lost=1, gained=1))
+
     def to_dict(self) -> dict:
         return {"criterion": self.criterion, "tolerance": self.tolerance,
                 "confidence": self.confidence}
+
+
+def warn_unresolved(guard: Guard, parts: list[tuple[str, list]]) -> None:
+    """Say when a set of images (``(name, batches)``) is too small for ``guard`` to accept
+    anything but plans that change none of their predictions (see :meth:`Guard.resolves`)."""
+    for name, batches in parts:
+        images = sum(len(x) for x, _ in batches)
+        if images and not guard.resolves(images):
+            level = ("as a point estimate" if guard.confidence is None
+                     else f"at {guard.confidence:g} confidence")
+            warnings.warn(
+                f"the {images} {name} images cannot resolve a loss within {guard.tolerance:g} "
+                f"{level}: a plan that changes two of their "
+                "predictions with no net loss already fails, so only plans that change none "
+                "pass; give more search images, a larger tolerance, a lower confidence or "
+                "confidence None (point estimates)", VelcroWarning, stacklevel=3)
