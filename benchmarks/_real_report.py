@@ -76,7 +76,7 @@ def _issue14(rows: list[dict], figures: Path) -> list[str]:
               f"goal >= 90%)**, keeping **{100 * ratio_of_means:.0f}% of today's C** on "
               "average (mean C over the same runs; goal >= 80%). Today's search: "
               f"{sum(r['heldout']['holds'] for r in today_all)}/{len(today_all)} runs hold.",
-              "", "![C against the held-out top-1 change](" + str(figures / "bench_real_"
+              "", "![C against the held-out top-1 change](" + _link(figures, "bench_real_"
                                                                    "tradeoff.png") + ")", ""]
     return lines
 
@@ -203,6 +203,11 @@ def _splits(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _link(figures: Path, name: str) -> str:
+    """A figure's link: its bare name beside RESULTS.md (benchmarks/), else its path."""
+    return name if figures.resolve() == Path(__file__).resolve().parent else str(figures / name)
+
+
 def markdown(document: dict, methods, figures: Path) -> str:
     """The RESULTS.md section from the stored rows; writes the figures into ``figures``."""
     from _real_plots import task_figures, tradeoff_figure
@@ -230,7 +235,7 @@ def markdown(document: dict, methods, figures: Path) -> str:
     lines += [*_issue14(ok, figures), *_table1(ok), "", *_table3_4(ok), "",
               *_svelcro(ok, methods), "", "### Specialized tasks against their controls", ""]
     for name in task_figures(ok, figures):
-        lines += [f"![held-out top-1 change against C]({figures / name})", ""]
+        lines += [f"![held-out top-1 change against C]({_link(figures, name)})", ""]
     if errors:
         lines += ["Rows that failed: " + "; ".join(
             f"{r['task']} {r['model']} seed {r['seed']} {r['method']}: {r['error']}"
