@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,3 +174,22 @@ def images(shape: tuple[int, ...], count: int, seed: int = 0, batch: int = 8) ->
     gen = torch.Generator().manual_seed(seed)
     data = torch.randn(count, *shape, generator=gen)
     return [data[i : i + batch] for i in range(0, count, batch)]
+
+
+def random_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Random weights that keep activations of order one through the whole network."""
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in model.state_dict().items():
+        noise = torch.randn(value.shape, generator=gen) if value.is_floating_point() else None
+        if noise is None:
+            state[key] = value
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + noise.abs()
+        elif key.endswith("weight") and value.dim() == 1:  # batch-norm scale
+            state[key] = 1.0 + 0.1 * noise
+        elif key.endswith("weight"):  # He initialisation
+            state[key] = noise * math.sqrt(2.0 / value[0].numel())
+        else:
+            state[key] = 0.1 * noise
+    return state

@@ -6,7 +6,6 @@ see its README) and skip only when it is absent.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from zoo import random_state
 
 import velcro
 from velcro import models
@@ -67,25 +67,6 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
             out = F.relu(branch + shortcut)
             index += 1
     return F.linear(out.mean((2, 3)), state["linear.weight"], state["linear.bias"])
-
-
-def random_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Random weights that keep activations of order one through the whole network."""
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in model.state_dict().items():
-        noise = torch.randn(value.shape, generator=gen) if value.is_floating_point() else None
-        if noise is None:
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = 0.5 + noise.abs()
-        elif key.endswith("weight") and value.dim() == 1:  # batch-norm scale
-            state[key] = 1.0 + 0.1 * noise
-        elif key.endswith("weight"):  # He initialisation
-            state[key] = noise * math.sqrt(2.0 / value[0].numel())
-        else:
-            state[key] = 0.1 * noise
-    return state
 
 
 # --- structure -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from zoo import random_state
 
 import velcro
 from velcro import models
@@ -82,25 +83,6 @@ def reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.
             index += 1
     x = bn_relu6(F.conv2d(x, state["_conv_head.weight"]), "_bn1")
     return F.linear(x.mean((2, 3)), state["_fc.weight"], state["_fc.bias"])
-
-
-def random_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Random weights that keep activations of order one through the whole network."""
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in model.state_dict().items():
-        noise = torch.randn(value.shape, generator=gen) if value.is_floating_point() else None
-        if noise is None:
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = 0.5 + noise.abs()
-        elif key.endswith("weight") and value.dim() == 1:  # batch-norm scale
-            state[key] = 1.0 + 0.1 * noise
-        elif key.endswith("weight"):  # He initialisation
-            state[key] = noise * math.sqrt(2.0 / value[0].numel())
-        else:
-            state[key] = 0.1 * noise
-    return state
 
 
 # --- structure -------------------------------------------------------------------------------
