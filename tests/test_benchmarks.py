@@ -57,3 +57,18 @@ def test_bench_outputs_are_untracked_by_default(tmp_path):
     args.images = 256
     _bench.quick(args, images=32)
     assert args.images == 32
+
+
+def test_results_keeps_the_generated_sections():
+    # bench_real --update-results rewrites what lies between its markers; a hand edit of
+    # RESULTS.md once dropped the whole section (markers included) without anyone noticing
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    import importlib.util
+    path = ROOT / "benchmarks" / "_real_report.py"
+    spec = importlib.util.spec_from_file_location("_real_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    begin, end = report.BEGIN, report.END
+    assert results.count(begin) == 1 and results.count(end) == 1
+    section = results.split(begin, 1)[1].split(end, 1)[0]
+    assert "| task | model |" in section, "the bench_real tables are between the markers"
