@@ -12,7 +12,8 @@ and channel plans at T = 0.3 and 0.5, one row with:
   torch-level call (modules' forwards reach ``F.relu``/``F.silu``/... through it, functional
   and ``Tensor.relu()`` calls too; nested calls are not seen twice), keyed by function name
   (``hardtanh(0, 6)`` is relu6). "velcro kinds" are the kinds ``velcro.sites`` knows
-  (relu, relu6, silu, gelu, hardswish); "all" adds sigmoid, hardsigmoid, tanh, mish, ...
+  (relu, relu6, leaky_relu, hardtanh, elu, selu, celu, mish, silu, gelu, hardswish); "all"
+  adds the gates (sigmoid, hardsigmoid, tanh), softplus and prelu
   Each traced activation node that is not a site is kept with the reason (its kind, or the
   ops that end the walk back through batch-norm, identity, dropout and additions before any
   conv/linear);

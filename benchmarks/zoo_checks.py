@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-VELCRO_KINDS = ("relu", "relu6", "silu", "gelu", "hardswish")  # velcro.sites' kinds
+from velcro.graph.sites import ACTIVATION_FUNCTIONS, ACTIVATION_MODULES
+
+# the kinds velcro.find_sites knows, from its own tables (a hand-kept copy here went stale
+# when leaky_relu, elu, mish... became sites)
+VELCRO_KINDS = tuple(sorted(set(ACTIVATION_MODULES.values()) | set(ACTIVATION_FUNCTIONS.values())))
 ACTIVATION_NAMES = {"relu", "relu6", "hardtanh", "silu", "gelu", "hardswish", "hardsigmoid",
                     "sigmoid", "tanh", "mish", "leaky_relu", "elu", "selu", "celu", "softplus",
                     "prelu"}
