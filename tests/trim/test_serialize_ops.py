@@ -21,7 +21,7 @@ import velcro
 from velcro.trim import _allowlist, _modules
 
 LITERALS = (1, 2.5, (1, 2), None, "s", slice(0, 2, None), torch.float32, [1, -2],
-            Ellipsis, float("inf"), float("nan"), True)
+            Ellipsis, float("inf"), float("nan"), True, torch.device("cpu"))
 
 
 def _same(a, b):
@@ -300,3 +300,51 @@ def test_a_parameter_read_through_its_module_and_directly_round_trips(tmp_path):
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+class WithFactories(nn.Module):
+    """Tensors made inside forward from shapes, as timm's edgenext (a positional-encoding
+    mask from ``torch.zeros(B, H, W)``) and others do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        batch, _, height, width = y.shape
+        mask = torch.zeros((batch, height, width), dtype=torch.float32, device=y.device)
+        ramp = torch.arange(width, dtype=torch.float32).view(1, 1, 1, width)
+        grid = torch.ones(1, 1, height, 1) * torch.full((1, 1, 1, width), 0.5) + torch.eye(height)
+        return y + mask.unsqueeze(1) + ramp * 0.01 + grid
+
+
+def test_tensor_factories_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = WithFactories().eval()
+    shape = (3, 6, 6)
+    stats = velcro.calibrate(model, images(shape, 8), progress=False)
+    small = velcro.trim(model, velcro.plan(stats, 0.3, granularity="channel"),
+                        channel_multiple=1)
+    velcro.save_trimmed(small, tmp_path / "factories.json")
+    text = (tmp_path / "factories.json").read_text()
+    for op in ("torch.zeros", "torch.arange", "torch.ones", "torch.full", "torch.eye"):
+        assert f'"{op}"' in text, op
+    loaded = velcro.load_trimmed(tmp_path / "factories.json")
+    x = images(shape, 2, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+def test_an_unsaveable_function_is_named_without_a_memory_address(tmp_path):
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.manual_seed, (0,)))  # a global effect: refused
+    del x
+    module = fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(velcro.VelcroError) as caught:
+        velcro.save_trimmed(module, tmp_path / "seed.json")
+    message = str(caught.value)
+    assert "torch.manual_seed" in message or "torch.random.manual_seed" in message
+    assert " at 0x" not in message and len(message.splitlines()) == 1
+    assert not (tmp_path / "seed.json").exists()

@@ -105,6 +105,9 @@ def attacks(marker):
         "dtype that is not one": (
             lambda d: node(d, "relu")["args"]["tuple"].append({"dtype": "__builtins__"}),
             "nodes[10].args"),
+        "device that is not one": (
+            lambda d: node(d, "relu")["args"]["tuple"].append({"device": f"cpu\n{run}"}),
+            "nodes[10].args"),
         "a tag velcro never writes": (
             lambda d: node(d, "relu")["args"]["tuple"].append({"code": run}), "nodes[10].args"),
         "class name with code": (

@@ -16,7 +16,9 @@ as arguments (``apply_``, ``map_``), random-number sampling (``rand*``, ``bernou
 ``normal_``, ``rrelu``...; dropout stays: an identity in eval mode) and private names
 (``_*``, except ``torch._assert``). Plus the ``operator`` module's arithmetic, comparisons,
 bitwise and item access (not ``setitem``/``call``/``methodcaller``), ``builtins.getattr``
-restricted to the tensor attributes in :data:`ATTRIBUTES`, and ``torch.Tensor.new_*``.
+restricted to the tensor attributes in :data:`ATTRIBUTES`, ``torch.Tensor.new_*`` and the
+tensor factories of :data:`FACTORIES` (not overridable: they take no tensor, but models make
+masks, ramps and grids with them from shapes, as timm's edgenext does).
 
 **Modules**: every public class of ``torch.nn.modules`` except containers, lazy modules,
 abstract bases, losses, classes that build submodules from counts in their arguments
@@ -57,6 +59,8 @@ OPERATORS = (
 ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "T", "mT", "H", "mH",
                         "real", "imag", "is_cuda", "requires_grad"})
 EXTRA_METHODS = ("new_zeros", "new_ones", "new_full", "new_empty")
+FACTORIES = ("zeros", "ones", "full", "empty", "arange", "linspace", "logspace", "eye",
+             "tensor", "scalar_tensor")
 # torch namespaces searched for names, in order: the first name found is the one saved.
 NAMESPACES = (("torch.nn.functional", F), ("torch", torch), ("torch.linalg", torch.linalg),
               ("torch.fft", torch.fft), ("torch.special", torch.special))
@@ -87,6 +91,7 @@ def _overridable() -> tuple[set[int], set[str]]:
             else:
                 functions.add(id(fn))
     functions.add(id(torch._assert))
+    functions.update(id(getattr(torch, name)) for name in FACTORIES)
     for fn in _ops.CHANNELWISE_FUNCTIONS | set(_ops.SUM_FUNCTIONS) | _ops.SCALAR_FUNCTIONS:
         functions.add(id(fn))
     methods.update(EXTRA_METHODS)

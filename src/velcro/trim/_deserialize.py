@@ -39,6 +39,7 @@ _PART = re.compile(r"[A-Za-z0-9_]+\Z")
 # Names an nn.Module / GraphModule already has: a submodule so named would shadow them.
 RESERVED = frozenset(dir(fx.GraphModule(nn.Module(), fx.Graph()))) | {"self"}
 _SKIPPED_PARAMETERS = ("device", "dtype")
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:[0-9]{1,3})?")
 
 
 def identifier(value: object, fields: Fields, field: str) -> str:
@@ -99,6 +100,8 @@ def decode(value: object, fields: Fields, field: str,
         return float(inner)
     if tag == "dtype" and inner in _allowlist.DTYPES:
         return getattr(torch, inner)
+    if tag == "device" and isinstance(inner, str) and _DEVICE.fullmatch(inner):
+        return torch.device(inner)
     if tag == "ellipsis" and inner is True:
         return Ellipsis
     raise fields.error(field, f"is {show(value)}, not a value velcro writes")

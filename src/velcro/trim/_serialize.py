@@ -47,10 +47,27 @@ def encode(value: object, where: str) -> object:
         return {"slice": [encode(v, where) for v in (value.start, value.stop, value.step)]}
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
     if value is Ellipsis:
         return {"ellipsis": True}
-    raise VelcroError(f"cannot save node '{where}': argument {value!r} has no safe description; "
-                      f"{_REBUILD}")
+    raise VelcroError(f"cannot save node '{where}': argument {_described(value)} has no safe "
+                      f"description; {_REBUILD}")
+
+
+def _described(value: object) -> str:
+    """What a value is, in words a user can search for: a function by its qualified name
+    (not ``repr``, which shows a memory address), anything else by a short repr."""
+    if callable(value):
+        module = getattr(value, "__module__", None) or ""
+        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
+        if module == "torch._C._VariableFunctions" or module.startswith("torch._C"):
+            module = "torch"
+        if name:
+            return f"{module}.{name}" if module else name
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _module_spec(name: str, module: nn.Module) -> dict:
@@ -101,8 +118,8 @@ def _check_rebuilds(name: str, module: nn.Module, spec: dict, fields: Fields) ->
 def _function_name(node: fx.Node) -> str:
     name = _allowlist.FUNCTION_NAMES.get(id(node.target))
     if name is None:
-        raise VelcroError(f"cannot save node '{node.name}': function {node.target!r} has no "
-                          f"safe description; {_REBUILD}")
+        raise VelcroError(f"cannot save node '{node.name}': function "
+                          f"{_described(node.target)} has no safe description; {_REBUILD}")
     if node.target is getattr and (len(node.args) != 2
                                    or node.args[1] not in _allowlist.ATTRIBUTES):
         raise VelcroError(f"cannot save node '{node.name}': it reads attribute "
