@@ -25,7 +25,11 @@ and channel plans at T = 0.3 and 0.5, one row with:
   others, the op chain from producer to site is kept;
 - trim vs apply (max |a - b| / max |b| on a random batch of 2), and trim of an empty plan
   (T = 0) vs the original model;
-- MACs and parameters saved (``velcro.cost``, ``channel_multiple=8``, the former default);
+- MACs and parameters saved (``velcro.cost``) by the model ``velcro.trim`` builds with
+  ``--channel-multiple`` (default 1: exactly the filters the plan removes; the library's
+  default, ``"auto"``, rounds widths only where a timed run on the target says it is faster,
+  which would make the producer column depend on this machine's timings; 8 was the
+  library's default until issue 17 item 6 and hides savings on narrow layers);
 - save/load: ``save_trimmed`` + ``load_trimmed`` give identical outputs, else the first line;
 - ONNX: ``velcro.export_onnx`` (``check=False``) of the original and the T = 0.5 trimmed
   model, onnxruntime vs torch (max relative difference), node counts and data-dependent
@@ -160,7 +164,7 @@ def attempt(row: dict, key: str, fn, keep: bool = False):
     return value
 
 
-def run_model(name: str, threads: int, folder: Path) -> dict:
+def run_model(name: str, threads: int, folder: Path, multiple: int = 1) -> dict:
     """Every measurement for one model (the worker's job)."""
     import torch
 
@@ -224,12 +228,12 @@ def run_model(name: str, threads: int, folder: Path) -> dict:
     for threshold in THRESHOLDS:
         entry = row["thresholds"][str(threshold)] = {}
         run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, entry, folder,
-                      threads)
+                      threads, multiple)
     return finish(row, start)
 
 
 def run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, entry, folder,
-                  threads) -> None:
+                  threads, multiple) -> None:
     import torch
 
     plan = velcro.plan(stats, threshold, granularity="channel")
@@ -237,7 +241,7 @@ def run_threshold(velcro, model, gm, sites, stats, base, threshold, x, shape, en
     with torch.no_grad():
         applied = attempt(entry, "apply", lambda: velcro.apply(model, plan)(x))
     small = attempt(entry, "trim", lambda: velcro.trim(model, plan, input_shape=shape,
-                                                       channel_multiple=8))
+                                                       channel_multiple=multiple))
     if small is None:
         return
     with torch.no_grad():
@@ -272,19 +276,19 @@ def finish(row: dict, start: float) -> dict:
 # -- the driver: one subprocess per model, a table at the end ------------------------------
 
 
-def worker(name: str, threads: int, out: Path) -> None:
+def worker(name: str, threads: int, out: Path, multiple: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        row = run_model(name, threads, Path(folder))
+        row = run_model(name, threads, Path(folder), multiple)
     out.write_text(json.dumps(row))
 
 
-def spawn(name: str, threads: int, timeout_s: float) -> dict:
+def spawn(name: str, threads: int, timeout_s: float, multiple: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "row.json"
         command = [sys.executable, __file__, "--worker", name, "--threads", str(threads),
-                   "--row", str(out)]
+                   "--row", str(out), "--channel-multiple", str(multiple)]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True,
                                   timeout=timeout_s)
@@ -368,10 +372,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--row", type=Path, help=argparse.SUPPRESS)  # a worker's output
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="velcro.trim's channel_multiple (default 1: what the plan removes)")
     _bench.add_options(parser)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.threads, args.row)
+        worker(args.worker, args.threads, args.row, args.channel_multiple)
         return
     _bench.quick(args, models=",".join(QUICK))
     _bench.started("bench_zoo", args, "capture, trim, save and export across timm models")
@@ -383,13 +389,15 @@ def main() -> None:
     def write() -> list[dict]:  # after every row, so that an interrupted run keeps its rows
         ordered = [rows[name] for name in names if name in rows]
         json_path.write_text(json.dumps({"thresholds": THRESHOLDS, "threads": args.threads,
+                                        "channel_multiple": args.channel_multiple,
                                         "jobs": args.jobs,
                                         "wall_seconds": round(time.perf_counter() - start, 1),
                                         "rows": ordered}, indent=1) + "\n")
         return ordered
 
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(names), unit="model") as bar:
-        futures = {pool.submit(spawn, name, args.threads, args.timeout): name for name in names}
+        futures = {pool.submit(spawn, name, args.threads, args.timeout, args.channel_multiple):
+                   name for name in names}
         for future in as_completed(futures):
             row = future.result()
             rows[row["model"]] = row

@@ -176,6 +176,9 @@ def computed_filters(original, trimmed) -> set[int] | None:
     rows = after.flatten(1)
     rows = rows[rows.abs().sum(1) > 0]
     unit = before.flatten(1) / before.flatten(1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    gram = (unit @ unit.T).abs().fill_diagonal_(0.0)
+    if len(unit) > 1 and bool((gram > 0.9999).any()):
+        return None  # filters of one direction (1x1 depthwise: one scalar each): count instead
     rows = rows / rows.norm(dim=1, keepdim=True)
     similarity, index = (rows @ unit.T).abs().max(dim=1)
     return set(index[similarity > 0.9999].tolist()) if len(rows) else set()
