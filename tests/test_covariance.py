@@ -8,8 +8,10 @@ from test_stats import chain_activations
 from zoo import build, images
 
 import velcro
+import velcro._comoments as comoments
 import velcro._moments as moments
-from velcro._moments import update_comoment, update_moments, update_moments_and_batch_mean
+from velcro._comoments import update_comoment
+from velcro._moments import batch_centre, update_moments, update_moments_and_centre
 from velcro.errors import VelcroError
 
 U = 2.0 ** -24  # float32's unit roundoff
@@ -127,9 +129,9 @@ def test_float64_products_make_the_algebra_exact(monkeypatch):
     the groups of images, the slabs and Chan's merges are exact algebra."""
     x = large_offset(23)
     expected = reference_comoment(x.double().numpy(), 0)
-    monkeypatch.setattr(moments, "_PRODUCT_DTYPE", torch.float64)
-    monkeypatch.setattr(moments, "_PRODUCT_TERMS", 64)  # one image per product
-    monkeypatch.setattr(moments, "_SCRATCH_ELEMENTS", 5 * 64 * 3)  # slabs of 3 images
+    monkeypatch.setattr(comoments, "_PRODUCT_DTYPE", torch.float64)
+    monkeypatch.setattr(comoments, "_PRODUCT_TERMS", 64)  # one image per product
+    monkeypatch.setattr(comoments, "_SCRATCH_ELEMENTS", 5 * 64 * 3)  # slabs of 3 images
     for batch in (1, 4, 23):
         assert comoment_error(streamed(x, batch).comoment.numpy(), expected) < 1e-9
 
@@ -147,25 +149,35 @@ def test_activations_of_other_dtypes(dtype):
 def test_channels_last_sites_after_linear_layers():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(9, 6, 4, generator=gen)  # (tokens, features): channel axis -1
-    comoment = update_comoment(0, torch.zeros(0), x[:5].double().mean(0), torch.zeros(0, 0),
-                               x[:5], -1)
-    comoment = update_comoment(5, x[:5].double().mean(0), x[5:].double().mean(0), comoment,
-                               x[5:], -1)
+    first, second = x[:5].double().mean(0), x[5:].double().mean(0)
+    comoment = update_comoment(0, batch_centre(None, first), torch.zeros(0, 0), x[:5], -1)
+    comoment = update_comoment(5, batch_centre(first, second), comoment, x[5:], -1)
     expected = reference_comoment(x.double().numpy(), -1)
     assert_comoment_close(comoment.numpy(), expected)
     assert_comoment_close(streamed(x, 2, -1).comoment.numpy(), expected)
 
 
-def test_the_welford_pass_gives_the_batch_mean():
+def test_the_welford_pass_centres_the_batch(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(11, 3, 4, 5, generator=gen) * 3 + 7
     count, mean, m2 = update_moments(0, torch.zeros(0), torch.zeros(0), x[:4])
     before = mean.clone()
-    count, mean, m2, batch_mean = update_moments_and_batch_mean(count, mean, m2, x[4:])
+    count, mean, m2, centre = update_moments_and_centre(count, mean, m2, x[4:])
     assert count == 11
-    torch.testing.assert_close(batch_mean, x[4:].double().mean(0), rtol=1e-15, atol=0)
     torch.testing.assert_close(mean, x.double().mean(0), rtol=1e-14, atol=0)
-    torch.testing.assert_close(before, x[:4].double().mean(0), rtol=1e-14, atol=0)
+    batch_mean = x[4:].double().mean(0)
+    assert torch.equal(centre.centre, batch_mean.float())  # the float32 rounding of mu_B
+    assert torch.equal(centre.offset + centre.centre.double(), batch_mean)  # e is exact
+    torch.testing.assert_close(centre.shift, batch_mean - before, rtol=1e-13, atol=1e-15)
+    # the torch path (no numba, or not on the CPU): the same figures
+    monkeypatch.setattr(moments, "numba", None)
+    *_, fallback = update_moments_and_centre(4, before.clone(), m2.clone(), x[4:])
+    torch.testing.assert_close(fallback.centre, centre.centre, rtol=2 * U, atol=0)
+    torch.testing.assert_close(fallback.offset + fallback.centre.double(), batch_mean,
+                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(fallback.shift, centre.shift, rtol=0, atol=1e-13)
+    expected = reference_comoment(x.double().numpy(), 0)
+    assert_comoment_close(streamed(x, 3).comoment.numpy(), expected)
 
 
 def test_merge_of_two_halves_equals_the_whole():

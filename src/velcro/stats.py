@@ -14,14 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from velcro._comoments import merge_comoment, update_comoment
 from velcro._format import plural, shape_text
 from velcro._io import atomic_path
-from velcro._moments import (
-    merge_comoment,
-    update_comoment,
-    update_moments,
-    update_moments_and_batch_mean,
-)
+from velcro._moments import update_moments, update_moments_and_centre
 from velcro._stats_file import FORMAT, read_stats_file
 from velcro.errors import VelcroError
 
@@ -113,13 +109,12 @@ class SiteStats:
             self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2,
                                                             batch)
             return
-        # the Welford pass also gives the batch's own mean, which the co-moment is centred on
-        # (it updates the running mean in place: keep the one before the batch)
-        count, before = self.count, self.mean.clone()
-        self.count, self.mean, self.m2, batch_mean = update_moments_and_batch_mean(
+        # the Welford pass also centres the batch for its co-moment
+        count = self.count
+        self.count, self.mean, self.m2, centre = update_moments_and_centre(
             self.count, self.mean, self.m2, batch)
-        if batch_mean is not None:
-            self.comoment = update_comoment(count, before, batch_mean, self.comoment, batch,
+        if centre is not None:
+            self.comoment = update_comoment(count, centre, self.comoment, batch,
                                             self.channel_axis)
 
     def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor,
