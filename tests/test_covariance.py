@@ -231,3 +231,18 @@ def test_halves_of_a_stream_merged_equal_the_whole_stream():
     assert_comoment_close(first.comoment.numpy(), expected)
     assert_comoment_close(first.comoment.numpy(), streamed(x, 40).comoment.numpy(),
                           2 * COMOMENT_RTOL)
+
+
+@pytest.mark.parametrize("channels", [64, 70, 130])
+def test_wide_sites_multiply_only_the_lower_blocks(channels, monkeypatch):
+    # from 64 channels the products are made by block-columns, the upper blocks mirrored
+    gen = torch.Generator().manual_seed(channels)
+    mixing = torch.randn(channels, channels, generator=gen) / channels ** 0.5
+    x = torch.relu(torch.einsum("kc,ncp->nkp", mixing, torch.randn(12, channels, 6,
+                                                                     generator=gen)) + 0.5)
+    expected = reference_comoment(x.double().numpy(), 0)
+    site = streamed(x, 5)
+    assert torch.equal(site.comoment, site.comoment.T)
+    assert_comoment_close(site.comoment.numpy(), expected)
+    monkeypatch.setattr(comoments, "_PRODUCT_DTYPE", torch.float64)
+    assert comoment_error(streamed(x, 5).comoment.numpy(), expected) < 1e-12

@@ -27,21 +27,32 @@ def _product_dtype(device: torch.device) -> torch.dtype:
     return _PRODUCT_DTYPE
 
 
+def _column_blocks(channels: int) -> list[tuple[int, int]]:
+    """Blocks of channels whose products are made one block-column at a time (the
+    co-moment is symmetric: only the blocks on and below the diagonal are multiplied)."""
+    blocks = 1 if channels < 64 else min(8, channels // 32)  # blocks of at least 32 rows
+    size = channels // blocks
+    return [(b * size, channels if b == blocks - 1 else (b + 1) * size)
+            for b in range(blocks)]
+
+
 def _gram(x: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``sum over images and positions of (x - centre)(x - centre)^T`` in float64.
 
     ``x`` is ``(images, channels, positions)``, ``centre`` ``(channels, positions)``. The
     deviations are written once, in ``dtype``, by groups of ``group`` images, as
-    ``(groups, channels, group * positions)``: one batched matrix product then makes every
-    group's ``channels x channels`` products (sums of at most about ``_PRODUCT_TERMS``
-    terms), which are summed in float64.
+    ``(groups, channels, group * positions)``: one batched matrix product per block-column
+    (:func:`_column_blocks`; 0.6-0.8 of the full product's work from 64 channels) then makes
+    every group's products (sums of at most about ``_PRODUCT_TERMS`` terms), which are summed
+    in float64.
     """
     images, channels, positions = x.shape
     group = max(1, min(images, _PRODUCT_TERMS // max(1, positions)))
     while images % group:  # whole groups: no padding, no second product for a remainder
         group -= 1
     slab = group * max(1, _SCRATCH_ELEMENTS // max(1, group * channels * positions))
-    gram = None
+    blocks = _column_blocks(channels)
+    gram = torch.zeros((channels, channels), dtype=torch.float64, device=x.device)
     for start in range(0, images, slab):
         part = x[start:start + slab]
         groups = part.shape[0] // group
@@ -50,8 +61,11 @@ def _gram(x: torch.Tensor, centre: torch.Tensor, dtype: torch.dtype) -> torch.Te
         torch.sub(part.reshape(groups, group, channels, positions).transpose(1, 2),
                   centre.unsqueeze(1), out=centred)
         flat = centred.view(groups, channels, group * positions)
-        products = torch.bmm(flat, flat.transpose(1, 2)).sum(0, dtype=torch.float64)
-        gram = products if gram is None else gram.add_(products)
+        for lo, hi in blocks:
+            gram[lo:, lo:hi] += torch.bmm(flat[:, lo:], flat[:, lo:hi].transpose(1, 2)).sum(
+                0, dtype=torch.float64)
+    for lo, hi in blocks[:-1]:  # the blocks above the diagonal, by symmetry
+        gram[lo:hi, hi:] = gram[hi:, lo:hi].T
     return gram
 
 
@@ -99,11 +113,14 @@ def update_comoment(
     images, channels, _ = x.shape
     if images == 0:
         return comoment
-    if x.dtype not in (torch.float32, torch.float64):
+    dtype = _product_dtype(x.device)
+    if dtype == torch.float64:  # deviations in float64 too (exact for float32 activations)
+        x = x.double()
+    elif x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     mean_centre, offset, shift = (channels_first(t.unsqueeze(0), channel_axis)[0]
                                   for t in centre)
-    batch_comoment = _gram(x, mean_centre, _product_dtype(x.device))
+    batch_comoment = _gram(x, mean_centre, dtype)
     batch_comoment.addmm_(offset, offset.T, alpha=-images)
     if count and comoment.shape == (channels, channels):
         batch_comoment.addmm_(shift, shift.T, alpha=count * images / (count + images))
