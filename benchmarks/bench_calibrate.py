@@ -16,9 +16,11 @@ another built-in model and input size (e.g. ``--model cifar_resnet20 --size 32``
 Timing: plain inference and calibration alternate on the same generated batches (P C P ...
 C P); each calibration is divided by the mean of the plain runs either side of it, and the
 median of those --repeats ratios is reported; calibration time includes everything
-`velcro.calibrate` does (trace, fingerprints, statistics). Memory: each image count runs in
-a fresh subprocess that streams generated batches (nothing is kept), reporting its peak
-resident set size.
+`velcro.calibrate` does (trace, fingerprints, statistics). On a shared, loaded machine,
+``--threads 1 --clock cpu`` times the process's CPU time on one thread (torch and numba)
+instead of wall time: waiting for a core is not counted (with more threads, CPU time would
+count idle spinning). Memory: each image count runs in a fresh subprocess that streams
+generated batches (nothing is kept), reporting its peak resident set size.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 import velcro
+from velcro._moments import fused_available
 
 BATCH = 32
 MODEL = {"name": "resnet18", "size": 224, "covariance": False}
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+TIMER = [time.perf_counter]
 
 
 def make_model() -> torch.nn.Module:
@@ -72,18 +77,20 @@ def time_it(images: int, repeats: int, size: int) -> tuple[list[float], list[flo
         model(batches[0])  # warm up kernels
     velcro.calibrate(model, batches[:1], progress=False, covariance=covariance)  # numba cache
 
+    clock = TIMER[0]
+
     def plain_run() -> float:
-        start = time.perf_counter()
+        start = clock()
         with torch.no_grad():
             for batch in batches:
                 model(batch)
-        return time.perf_counter() - start
+        return clock() - start
 
     plain, calib = [plain_run()], []
     for _ in tqdm(range(repeats), desc="calibrate between plain runs", file=sys.stderr):
-        start = time.perf_counter()
+        start = clock()
         velcro.calibrate(model, batches, progress=False, covariance=covariance)
-        calib.append(time.perf_counter() - start)
+        calib.append(clock() - start)
         plain.append(plain_run())
     return plain, calib
 
@@ -97,10 +104,21 @@ def main() -> None:
                         help="calibrate with covariance=True (the channel co-moments)")
     parser.add_argument("--model", default="resnet18", help="a built-in model name")
     parser.add_argument("--size", type=int, default=224, help="image side (default 224)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                        help="wall time (default) or the process's CPU time (use with "
+                             "--threads 1 on a loaded machine)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     _bench.add_options(parser)
     args = parser.parse_args()
     MODEL.update(name=args.model, size=args.size, covariance=args.covariance)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if fused_available():  # the Welford kernel's threads (numba)
+            import numba
+            numba.set_num_threads(args.threads)
+    TIMER[0] = CLOCK[args.clock]
     if args.child:
         peak_memory_child(args.child, args.size)
         return
@@ -111,7 +129,7 @@ def main() -> None:
     around = [(a + b) / 2 for a, b in zip(plain[:-1], plain[1:], strict=True)]  # either side
     ratios = [c / p for p, c in zip(around, calib, strict=True)]
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, {args.clock} time")
     print(f"\n{args.model}, {args.size}x{args.size}, {args.images} images, batch {BATCH}, "
           f"{args.repeats} calibrations{' with covariance' if args.covariance else ''}, "
           "each between two plain inference runs\n")

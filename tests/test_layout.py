@@ -114,10 +114,11 @@ def test_each_stage_is_a_package_with_its_verb_in_init(stage, verb):
 def test_private_helpers_live_inside_their_package():
     top = sorted(p.name for p in PACKAGE.glob("_*.py") if p.name != "__init__.py")
     # _io, _validate, _globals: used across stages (atomic writes, checked reading, global
-    # settings kept); _format: how figures are written; _moments, _stats_file: by stats only;
+    # settings kept); _format: how figures are written; _moments, _comoments, _stats_file: by
+    # stats only (_moments' channels_first also by _affine);
     # _plan_file: by plan only; _affine: the affine predictions, by plan, search and trim
-    assert top == ["_affine.py", "_format.py", "_globals.py", "_io.py", "_moments.py",
-                   "_plan_file.py", "_stats_file.py", "_validate.py"]
+    assert top == ["_affine.py", "_comoments.py", "_format.py", "_globals.py", "_io.py",
+                   "_moments.py", "_plan_file.py", "_stats_file.py", "_validate.py"]
 
 
 def test_import_stays_lean():

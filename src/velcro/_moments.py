@@ -12,6 +12,8 @@ with Chan's formula.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from velcro._globals import torch_threads_kept
@@ -47,6 +49,41 @@ if numba is not None:
                     block_mean[j] += delta * inverse
                     block_m2[j] += delta * (value - block_mean[j])
 
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _welford_blocks_centred(x, count, mean, m2, centre, offset, shift):  # pragma: no cover
+        # _welford_blocks, also summing the batch per element in float64, images in order
+        # (the batch's own mean: the same bits whatever came before it), for the co-moment:
+        # that mean rounded to float32 (centre), the rounding (offset), and the mean's
+        # difference from the running mean before the batch (shift)
+        images, elements = x.shape
+        blocks = (elements + _BLOCK - 1) // _BLOCK
+        for block in numba.prange(blocks):
+            lo = block * _BLOCK
+            hi = min(lo + _BLOCK, elements)
+            block_mean = mean[lo:hi]
+            block_m2 = m2[lo:hi]
+            block_sum = offset[lo:hi]  # the batch's sum, then the centre's rounding
+            block_shift = shift[lo:hi]
+            block_centre = centre[lo:hi]
+            for j in range(hi - lo):
+                block_shift[j] = block_mean[j]
+                block_sum[j] = 0.0
+            for i in range(images):
+                inverse = 1.0 / (count + i + 1)
+                row = x[i, lo:hi]
+                for j in range(hi - lo):
+                    value = np.float64(row[j])
+                    delta = value - block_mean[j]
+                    block_mean[j] += delta * inverse
+                    block_m2[j] += delta * (value - block_mean[j])
+                    block_sum[j] += value
+            for j in range(hi - lo):
+                batch_mean = block_sum[j] / images
+                rounded = np.float32(batch_mean)
+                block_centre[j] = rounded
+                block_sum[j] = batch_mean - np.float64(rounded)
+                block_shift[j] = batch_mean - block_shift[j]
+
 
 class ShapeChanged(VelcroError):
     """A batch whose per-image shape differs from the images already counted."""
@@ -79,9 +116,43 @@ def update_moments(
         VelcroError: images already counted had another per-image shape (moments are per
             element: there is no mean over images of two sizes).
     """
+    return _update(count, mean, m2, batch, False)[:3]
+
+
+class BatchCentre(NamedTuple):
+    """Per-element figures of one batch for its co-moment (per-image shaped).
+
+    ``centre``: the batch's own float64 mean rounded to float32; ``offset``: that mean less
+    the centre (float64, exact); ``shift``: that mean less the running mean before the batch
+    (float64; the mean itself for a first batch).
+    """
+
+    centre: torch.Tensor
+    offset: torch.Tensor
+    shift: torch.Tensor
+
+
+def batch_centre(mean_before: torch.Tensor | None, batch_mean: torch.Tensor) -> BatchCentre:
+    """:class:`BatchCentre` from the mean before the batch (None: none) and the batch's."""
+    batch_mean = batch_mean.to(torch.float64)
+    centre = batch_mean.float()
+    shift = batch_mean if mean_before is None else batch_mean - mean_before.to(torch.float64)
+    return BatchCentre(centre, batch_mean - centre.double(), shift)
+
+
+def update_moments_and_centre(
+    count: int, mean: torch.Tensor, m2: torch.Tensor, batch: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor, BatchCentre | None]:
+    """:func:`update_moments`, also returning the batch's :class:`BatchCentre` (None for an
+    empty batch), from the same pass over the batch."""
+    return _update(count, mean, m2, batch, True)
+
+
+def _update(count: int, mean: torch.Tensor, m2: torch.Tensor, batch: torch.Tensor,
+            with_centre: bool) -> tuple:
     images = batch.shape[0]
     if images == 0:
-        return count, mean, m2
+        return count, mean, m2, None
     shape = batch.shape[1:]
     if mean.shape != shape:
         if count > 0:
@@ -95,30 +166,27 @@ def update_moments(
         data = data.reshape(images, -1)
         if not data.is_contiguous():
             data = data.contiguous()
+        arrays = (data.numpy(), count, mean.view(-1).numpy(), m2.view(-1).numpy())
+        centre = None
+        if with_centre:
+            centre = BatchCentre(torch.empty(shape, dtype=torch.float32),
+                                 torch.empty(shape, dtype=torch.float64),
+                                 torch.empty(shape, dtype=torch.float64))
+            arrays += tuple(t.view(-1).numpy() for t in centre)
         with torch_threads_kept():  # numba's OpenMP start-up resets torch's thread count
-            _welford_blocks(data.numpy(), count, mean.view(-1).numpy(), m2.view(-1).numpy())
-        return count + images, mean, m2
+            (_welford_blocks if centre is None else _welford_blocks_centred)(*arrays)
+        return count + images, mean, m2, centre
     data = batch.detach().to(torch.float64)
     batch_m2, batch_mean = torch.var_mean(data, dim=0, correction=0)
     batch_m2.mul_(images)
+    centre = batch_centre(mean if count else None, batch_mean) if with_centre else None
     if count == 0:
-        return images, batch_mean, batch_m2
+        return images, batch_mean, batch_m2, centre
     total = count + images
     delta = batch_mean - mean
     mean = mean + delta * (images / total)
     m2 = m2 + batch_m2 + delta.square() * (count * images / total)
-    return total, mean, m2
-
-
-# Elements of one float64 chunk of centred activations (64 MiB): the co-moment update walks a
-# batch in chunks of images so that its scratch memory does not grow with the batch.
-_CHUNK_ELEMENTS = 1 << 23
-# The products of deviations run in float32 (twice float64's speed: the product costs about a
-# tenth of a ResNet's own MACs), over at most this many (image, position) terms per matrix
-# product, whose results are summed in float64: the co-moment is then exact to about 1e-6
-# relative, far below the sampling error of any calibration set.
-_PRODUCT_DTYPE = torch.float32
-_PRODUCT_TERMS = 1 << 14
+    return total, mean, m2, centre
 
 
 def channels_first(batch: torch.Tensor, channel_axis: int) -> torch.Tensor:
@@ -130,72 +198,3 @@ def channels_first(batch: torch.Tensor, channel_axis: int) -> torch.Tensor:
     if axis != 1:
         batch = batch.movedim(axis, 1)
     return batch.reshape(batch.shape[0], batch.shape[1], -1)
-
-
-def update_comoment(
-    count: int, mean: torch.Tensor, comoment: torch.Tensor, batch: torch.Tensor,
-    channel_axis: int = 0,
-) -> torch.Tensor:
-    """Fold ``batch`` into the channel co-moment of deviations from the per-position means.
-
-    The co-moment is ``S[k, r] = sum over images m and positions p of
-    (a_k(m, p) - mu_k(p)) (a_r(m, p) - mu_r(p))``, with ``mu(p)`` the per-position mean over
-    all images seen. Per position this is the multivariate M2 of Welford/Chan; summed over
-    positions, Chan's merge of two image sets A and B stays exact and cheap:
-    ``S = S_A + S_B + n_A n_B / n * sum_p delta(p) delta(p)^T``, ``delta = mu_B - mu_A``.
-
-    Call it *before* ``update_moments`` folds the same batch into ``count`` and ``mean``
-    (which it reads: the moments of the images before this batch). Chunks of images are
-    centred on their own per-position mean in float64 and merged one by one, so the result
-    does not depend on the batch size beyond the products' rounding (``_PRODUCT_DTYPE``).
-
-    Returns the new ``(channels, channels)`` float64 co-moment.
-    """
-    x = channels_first(batch.detach(), channel_axis)
-    images, channels, positions = x.shape
-    if comoment.shape != (channels, channels):
-        comoment = torch.zeros((channels, channels), dtype=torch.float64, device=x.device)
-    if images == 0:
-        return comoment
-    running = (channels_first(mean.unsqueeze(0), channel_axis)[0].to(torch.float64)
-               if count else None)
-    step = max(1, min(_CHUNK_ELEMENTS // max(1, channels * positions),
-                      _PRODUCT_TERMS // max(1, positions)))
-    for start in range(0, images, step):
-        part = x[start:start + step]
-        n_b = part.shape[0]
-        part_mean = part.mean(dim=0, dtype=torch.float64)
-        # deviations from the chunk's own mean, subtracted in float64 (exact for the small
-        # deviations of near-constant channels), then rounded once to the product's dtype
-        centred = torch.empty((channels, n_b, positions), dtype=_PRODUCT_DTYPE,
-                              device=x.device)
-        torch.sub(part.transpose(0, 1), part_mean.unsqueeze(1), out=centred)
-        flat = centred.view(channels, -1)
-        product = (flat @ flat.T).to(torch.float64)
-        comoment = comoment + (product + product.T) * 0.5
-        if count == 0:
-            running = part_mean
-        else:
-            total = count + n_b
-            delta = part_mean - running
-            comoment.addmm_(delta, delta.T, alpha=count * n_b / total)
-            running = running + delta * (n_b / total)
-        count += n_b
-    return comoment
-
-
-def merge_comoment(
-    n_a: int, mean_a: torch.Tensor, comoment_a: torch.Tensor,
-    n_b: int, mean_b: torch.Tensor, comoment_b: torch.Tensor, channel_axis: int = 0,
-) -> torch.Tensor:
-    """The co-moment of the union of two image sets (Chan's formula, summed over positions).
-
-    ``mean_a``/``mean_b`` are the per-image-shaped means of each set (before merging).
-    """
-    if n_a == 0:
-        return comoment_b.clone()
-    if n_b == 0:
-        return comoment_a.clone()
-    delta = channels_first((mean_b - mean_a).unsqueeze(0), channel_axis)[0]
-    merged = comoment_a + comoment_b
-    return merged.addmm_(delta, delta.T, alpha=n_a * n_b / (n_a + n_b))

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from velcro._comoments import merge_comoment, update_comoment
 from velcro._format import plural, shape_text
 from velcro._io import atomic_path
-from velcro._moments import merge_comoment, update_comoment, update_moments
+from velcro._moments import update_moments, update_moments_and_centre
 from velcro._stats_file import FORMAT, read_stats_file
 from velcro.errors import VelcroError
 
@@ -104,10 +105,17 @@ class SiteStats:
 
     def update(self, batch: torch.Tensor) -> None:
         """Add a batch (first axis = images): float64 Welford, image by image."""
-        if self.comoment is not None:  # before the means move: it reads the old ones
-            self.comoment = update_comoment(self.count, self.mean, self.comoment, batch,
+        if self.comoment is None:
+            self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2,
+                                                            batch)
+            return
+        # the Welford pass also centres the batch for its co-moment
+        count = self.count
+        self.count, self.mean, self.m2, centre = update_moments_and_centre(
+            self.count, self.mean, self.m2, batch)
+        if centre is not None:
+            self.comoment = update_comoment(count, centre, self.comoment, batch,
                                             self.channel_axis)
-        self.count, self.mean, self.m2 = update_moments(self.count, self.mean, self.m2, batch)
 
     def merge_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor,
                       comoment_b: torch.Tensor | None = None) -> None:
