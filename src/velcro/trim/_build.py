@@ -33,6 +33,7 @@ from velcro.trim._modules import (
     slice_depthwise,
     split_uniform,
 )
+from velcro.trim._order import stream_orders
 from velcro.trim._sum import emit_sum
 from velcro.trim._writer import GraphWriter
 
@@ -43,6 +44,7 @@ class Builder(GraphWriter):
     # -- the pass ------------------------------------------------------------------------
     def build(self, class_name: str) -> fx.GraphModule:
         self.requests = _grouped.requests(self.gm, self.a)
+        self.orders = stream_orders(self.gm, self.a)
         for node in self.gm.graph.nodes:
             kind = self.a.kinds[node]
             if node.op == "placeholder":
@@ -89,6 +91,8 @@ class Builder(GraphWriter):
             return self.requests[node]
         needed = self.a.needed[node]
         layout = needed.nonzero().flatten()
+        if node in self.orders:  # its residual stream's order (``_order``)
+            return layout[self.orders[node][layout].argsort()]
         users = list(node.users)
         if len(users) == 1 and self.a.kinds[users[0]] == "sum" and users[0] in self.a.states:
             a, b, _ = ops.sum_operands(users[0])
