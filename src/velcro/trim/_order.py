@@ -30,6 +30,7 @@ from velcro.trim._analysis import Analysis
 MAX_CLASSES = 128  # beyond this, the search is skipped (the natural order is kept)
 PASSES = 6  # rounds of moves per local search
 RESTARTS = 8  # further searches from shuffled orders (seeded)
+MAX_EVALUATIONS = 40_000  # orders evaluated per stream, at most (about 1 s at 40 classes)
 
 
 def stream_orders(gm: fx.GraphModule, analysis: Analysis) -> dict[fx.Node, torch.Tensor]:
@@ -188,29 +189,33 @@ def _broken(in_where: np.ndarray, in_moved: np.ndarray, order: np.ndarray) -> in
 
 
 def _search(in_where: np.ndarray, in_moved: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """The best of a local search from ``start`` and from ``RESTARTS`` seeded shuffles."""
-    rng = np.random.default_rng(0)  # the same order for the same plan, every time
+    """The best of a local search from ``start`` and from up to ``RESTARTS`` seeded shuffles,
+    within ``MAX_EVALUATIONS`` orders evaluated in all (a count, not a time: the same plan
+    gives the same layout on any machine, so a trimmed state_dict reloads into a rebuild)."""
+    rng = np.random.default_rng(0)
+    budget = [MAX_EVALUATIONS]
     best, best_cost = start, _broken(in_where, in_moved, start)
     for attempt in range(RESTARTS + 1):
-        if best_cost == 0:
+        if best_cost == 0 or budget[0] <= 0:
             break
         order = start if attempt == 0 else rng.permutation(start)
-        order, cost = _descend(in_where, in_moved, order)
+        order, cost = _descend(in_where, in_moved, order, budget)
         if cost < best_cost:
             best, best_cost = order, cost
     return best
 
 
-def _descend(in_where: np.ndarray, in_moved: np.ndarray,
-             order: np.ndarray) -> tuple[np.ndarray, int]:
+def _descend(in_where: np.ndarray, in_moved: np.ndarray, order: np.ndarray,
+             budget: list[int]) -> tuple[np.ndarray, int]:
     """Move one class to another place while that breaks fewer constraints."""
     best = _broken(in_where, in_moved, order)
     for _ in range(PASSES):
         improved = False
         for item in list(order):
-            if best == 0:
+            if best == 0 or budget[0] <= 0:
                 return order, best
             rest = order[order != item]
+            budget[0] -= rest.size + 1
             for place in range(rest.size + 1):
                 candidate = np.insert(rest, place, item)
                 cost = _broken(in_where, in_moved, candidate)
