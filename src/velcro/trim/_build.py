@@ -6,8 +6,8 @@ Each tensor of the original graph becomes a *physical* tensor holding some of it
 
 - a convolution/linear keeps the weight columns of the channels present and folds the
   constant channels into its bias (a bias map where the contribution is position-dependent);
-  its filters are the channels something downstream needs, ordered so that a residual
-  addition after it lines up with its partner;
+  its filters are the channels something downstream needs, in its residual stream's order
+  (``_order``) or else lined up with the partner of the residual addition it feeds;
 - channelwise operations run on the channels present (batch-norm and depthwise convolutions
   sliced); a site drops the channels the plan makes constant;
 - additions add the channels both sides have (one slice addition where the layouts line
