@@ -12,12 +12,19 @@ and its share of the MAC speedup (``velcro.cost``: original MACs / trimmed MACs)
 average is recorded before and after: on a shared machine, only the paired ratios mean
 anything.
 
-``--bound`` adds a third model to the rounds: the trimmed one with its bias maps dropped.
-It computes something else (it is not checked) and only shows what the maps cost:
+``--bound`` adds two models to the rounds: the trimmed one exported with its residual
+placements as ``Slice``/``Pad``/``Gather`` (as before they became 1x1 convolutions), and the
+trimmed one with its bias maps dropped. The latter computes something else (it is not
+checked) and only shows what the maps cost:
 onnxruntime fuses a convolution with its activation and with a residual addition, but not
 with the ``Add`` of a constant map broadcast over the batch, so a convolution with a bias map
 leaves its NCHWc layout and comes back (``ReorderOutput``, ``Add``, ``Relu``,
 ``ReorderInput``).
+
+A residual sum exports the placement of its shortcut's channels as a 1x1 ``Conv`` with a
+0/1 weight (it stays in onnxruntime's NCHWc layout and takes the ``Add``); its MACs are not
+in ``velcro.cost`` (the eager model adds slices in place): "MAC speedup with placements"
+counts them.
 
 **Graph size.** Node counts of the exported original and trimmed graphs (T = 0.3, 4 random
 images of the model's input size) for resnet18, mobilenet_v2, googlenet, cifar_resnet20/32/44/56
@@ -34,6 +41,7 @@ exports but whose trimming fails is one row saying why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -124,6 +132,45 @@ def without_maps(small: nn.Module) -> nn.Module:
     return small
 
 
+def placement_macs(small: nn.Module, one: torch.Tensor) -> int:
+    """MACs per image of the 1x1 placement convolutions a trimmed model exports (one per
+    residual sum input that is not added as it is; ``velcro.cost`` counts the eager model,
+    which adds slices in place instead)."""
+    from velcro.trim._place import conv_placeable, is_plain
+
+    total = [0]
+
+    def count(module, args, _out):
+        base, *others = args
+        for i, x in enumerate(others):
+            where = [-1] * base.shape[module.dim]
+            for target, source in module.pairs[i]:
+                where[target] = source
+            if not is_plain(where, x.shape[module.dim]) and conv_placeable(x, module.dim):
+                total[0] += base[0].numel() * x.shape[module.dim]
+
+    hooks = [m.register_forward_hook(count) for m in small.modules()
+             if isinstance(m, _modules.ChannelSum)]
+    with torch.no_grad():
+        small(one)
+    for hook in hooks:
+        hook.remove()
+    return total[0]
+
+
+@contextlib.contextmanager
+def sliced_placements(active: bool):
+    """Export residual sums' placements as before they became convolutions (``Slice``,
+    ``Pad``, ``Gather``), for comparison."""
+    saved = _modules.conv_placeable
+    if active:
+        _modules.conv_placeable = lambda x, dim: False
+    try:
+        yield
+    finally:
+        _modules.conv_placeable = saved
+
+
 def nodes(path: Path) -> Counter:
     import onnx
 
@@ -158,16 +205,19 @@ def speed(args: argparse.Namespace, folder: Path) -> list[dict]:
     model = build("resnet18", args.data)
     small = trimmed(model, args.size, args.threshold, 8)
     one = torch.zeros(1, 3, args.size, args.size)
-    mac_speedup = velcro.cost(model, one).macs / velcro.cost(small, one).macs
+    original_macs, small_macs = velcro.cost(model, one).macs, velcro.cost(small, one).macs
+    mac_speedup = original_macs / small_macs
+    exported_speedup = original_macs / (small_macs + placement_macs(small, one))
     variants = {"original": model, "trimmed": small}
     if args.bound:
         variants["trimmed, maps dropped"] = without_maps(small)
+        variants["trimmed, placements sliced"] = small
     paths = {}
-    for kind, variant in variants.items():
+    for number, (kind, variant) in enumerate(variants.items()):
         _bench.say(f"  export {kind} ...")
-        paths[kind] = velcro.export_onnx(variant, folder / f"{kind.split(',')[0]}"
-                                         f"{'-bound' if ',' in kind else ''}.onnx", one,
-                                         check=kind != "trimmed, maps dropped")
+        with sliced_placements(kind.endswith("placements sliced")):
+            paths[kind] = velcro.export_onnx(variant, folder / f"model{number}.onnx", one,
+                                             check=kind != "trimmed, maps dropped")
     sessions = {kind: session(path, args.threads) for kind, path in paths.items()}
     gen = torch.Generator().manual_seed(2)
     rows = []
@@ -189,6 +239,7 @@ def speed(args: argparse.Namespace, folder: Path) -> list[dict]:
                 "speedup": speedup, "speedup_quartiles": statistics.quantiles(ratios, n=4)
                 if len(ratios) > 1 else [speedup] * 3,
                 "mac_speedup": mac_speedup, "share_of_mac_speedup": speedup / mac_speedup,
+                "exported_mac_speedup": exported_speedup,
                 "load_before": load_before, "load_after": load_after,
                 "nodes": sum(nodes(paths[kind]).values()),
             })
@@ -224,7 +275,9 @@ def graph_sizes(args: argparse.Namespace, folder: Path) -> list[dict]:
                      "data_dependent": dependent,
                      "trimmed": sum(trim.values()), "added": dict(trim - original),
                      "removed": dict(original - trim), "bias_maps": maps,
-                     "mac_speedup": velcro.cost(model, one).macs / velcro.cost(small, one).macs})
+                     "mac_speedup": velcro.cost(model, one).macs / velcro.cost(small, one).macs,
+                     "exported_mac_speedup": velcro.cost(model, one).macs / (
+                         velcro.cost(small, one).macs + placement_macs(small, one))})
         _bench.say(f"  {name}: {sum(original.values())} -> {sum(trim.values())} nodes "
                    f"(added {dict(trim - original)}, {maps} bias maps)")
     return rows
@@ -232,23 +285,27 @@ def graph_sizes(args: argparse.Namespace, folder: Path) -> list[dict]:
 
 def markdown(speed_rows: list[dict], size_rows: list[dict], args) -> str:
     lines = ["| model | variant | batch | rounds | original ms | trimmed ms | speedup (median "
-             "of paired rounds) | MAC speedup | share of MAC speedup | load before / after |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "of paired rounds) | MAC speedup | share of MAC speedup | MAC speedup with "
+             "placements | load before / after |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in speed_rows:
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['rounds']} "
                      f"| {r['original_ms']:.1f} | {r['trimmed_ms']:.1f} | {r['speedup']:.2f}x "
                      f"| {r['mac_speedup']:.2f}x | {r['share_of_mac_speedup']:.2f} "
+                     f"| {r['exported_mac_speedup']:.2f}x "
                      f"| {r['load_before']:.1f} / {r['load_after']:.1f} |")
     lines += ["", f"| model | input | ONNX nodes original -> trimmed (T = {args.threshold}) "
-              "| operators added | bias maps | MAC speedup |", "|---|---:|---|---|---:|---:|"]
+              "| operators added | bias maps | MAC speedup | with placements |",
+              "|---|---:|---|---|---:|---:|---:|"]
     for r in size_rows:
         if "note" in r:
-            lines.append(f"| {r['model']} | {r.get('size', '-')} | {r['note']} | - | - | - |")
+            lines.append(f"| {r['model']} | {r.get('size', '-')} | {r['note']} | - | - | - | - |")
             continue
         added = ", ".join(f"{k} {v}" for k, v in sorted(r["added"].items())) or "-"
         dependent = f" ({r['data_dependent']} data-dependent)" if r["data_dependent"] else ""
         lines.append(f"| {r['model']} | {r['size']} | {r['original']} -> {r['trimmed']}{dependent} "
-                     f"| {added} | {r['bias_maps']} | {r['mac_speedup']:.2f}x |")
+                     f"| {added} | {r['bias_maps']} | {r['mac_speedup']:.2f}x "
+                     f"| {r['exported_mac_speedup']:.2f}x |")
     return "\n".join(lines)
 
 

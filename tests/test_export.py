@@ -13,6 +13,7 @@ import velcro
 from velcro.errors import VelcroError
 from velcro.export import DATA_DEPENDENT_OPS
 from velcro.trim._modules import ChannelSelect, ChannelSum, Materialize
+from velcro.trim._place import conv_placeable, is_plain
 
 # What a trimmed graph may add to the original's operators: bias maps and constants are
 # added, channels placed by pads, slices and gathers with constant indices.
@@ -42,10 +43,11 @@ def graph_of(path):
 
 def placement_budget(small: nn.Module) -> int:
     """Nodes a trimmed graph may hold beyond the original's, counted from its modules: one
-    ``Add`` per bias map or added constant, at most two nodes (a gather or slice, and a pad)
-    per input a channel sum places, three per materialisation (pad, gather, add of the
-    constants) and one per selection (a ``ChannelSelect``, or the ``narrow`` before a
-    depthwise convolution whose input carries channels it does not need)."""
+    ``Add`` per bias map or added constant, at most two nodes (a 1x1 convolution, or a
+    gather or slice and a pad) per input a channel sum places, three per materialisation
+    (pad, gather, add of the constants) and one per selection (a ``ChannelSelect``, or the
+    ``narrow`` before a depthwise convolution whose input carries channels it does not
+    need)."""
     modules = list(small.modules())
     narrows = sum(n.op == "call_method" and n.target == "narrow" for n in small.graph.nodes)
     maps = sum(isinstance(getattr(m, "bias_map", None), torch.Tensor) for m in modules)
@@ -55,6 +57,29 @@ def placement_budget(small: nn.Module) -> int:
     return (maps + constants + 2 * placed
             + 3 * sum(isinstance(m, Materialize) for m in modules)
             + sum(isinstance(m, ChannelSelect) for m in modules) + narrows)
+
+
+def conv_placements(small: nn.Module) -> int:
+    """The residual-sum inputs the export places with a 1x1 ``Conv`` (not added as they
+    are, on channels-first maps), found by running the model at its input size."""
+    count = [0]
+
+    def hook(module, args, _out):
+        base, *others = args
+        for pairs, x in zip(module.pairs, others, strict=True):
+            where = [-1] * base.shape[module.dim]
+            for target, source in pairs:
+                where[target] = source
+            count[0] += (not is_plain(where, x.shape[module.dim])
+                         and conv_placeable(x, module.dim))
+
+    hooks = [m.register_forward_hook(hook) for m in small.modules()
+             if isinstance(m, ChannelSum)]
+    with torch.no_grad():
+        small(torch.zeros(1, *small.velcro_input_shape))
+    for handle in hooks:
+        handle.remove()
+    return count[0]
 
 
 def assert_static(trimmed_path, original_path, small):
@@ -72,7 +97,8 @@ def assert_static(trimmed_path, original_path, small):
             assert node.input[1] in constant, node  # indices known when trimmed
         if node.op_type in ("Pad", "Slice"):
             assert all(name in constant for name in node.input[1:] if name), node
-    assert ops["Conv"] == original_ops["Conv"] and ops["Gemm"] == original_ops["Gemm"]
+    assert ops["Conv"] == original_ops["Conv"] + conv_placements(small), ops - original_ops
+    assert ops["Gemm"] == original_ops["Gemm"]
     assert len(graph.node) <= len(original.node) + placement_budget(small), (
         len(graph.node), len(original.node), ops - original_ops)
 
@@ -152,7 +178,10 @@ def test_trimmed_resnet18_exports(tmp_path):
     assert_static(path, original, small)
     graph = graph_of(path)
     convs = [node for node in graph.node if node.op_type == "Conv"]
-    assert len(convs) == 20  # batch-norms folded, no convolution left out
+    # batch-norms folded, no convolution left out; one 1x1 placement per identity shortcut
+    # (5 in ResNet-18) whose two sides hold different channels
+    assert len(convs) == 20 + conv_placements(small)
+    assert conv_placements(small) <= 5
     # the three downsampling blocks add their two bias maps as one constant
     maps = sum(isinstance(getattr(m, "bias_map", None), torch.Tensor) for m in small.modules())
     adds = Counter(node.op_type for node in graph.node)["Add"]

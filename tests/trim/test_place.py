@@ -9,7 +9,7 @@ from zoo import Misaligned, images
 
 import velcro
 from velcro.trim._modules import ChannelSelect, ChannelSum, Materialize
-from velcro.trim._place import place
+from velcro.trim._place import conv_placeable, is_plain, place, place_by_conv
 
 
 def reference_place(x: np.ndarray, where: list[int]) -> np.ndarray:
@@ -40,6 +40,18 @@ def test_each_static_form_places_the_channels(form):
     x = torch.randn(2, count, 3, 2)
     got = place(x, 1, where)
     np.testing.assert_array_equal(got.numpy(), reference_place(x.numpy(), where))
+
+
+@pytest.mark.parametrize("form", sorted(WHERES))
+@pytest.mark.parametrize("spatial", [(5,), (3, 2), (2, 2, 3)])
+def test_the_convolution_form_places_the_channels_exactly(form, spatial):
+    """The form residual sums export as (one 1x1 ``Conv``): bit for bit the placement."""
+    count, where = WHERES[form]
+    x = torch.randn(2, count, *spatial)
+    assert conv_placeable(x, 1) and not conv_placeable(x, -1)
+    got = place_by_conv(x, 1, where)
+    np.testing.assert_array_equal(got.numpy(), reference_place(x.numpy(), where))
+    assert is_plain(where, count) == (form == "identity")
 
 
 def test_random_placements_on_other_axes():

@@ -52,7 +52,8 @@ def export_onnx(
 
     Works for an original model, ``velcro.apply``'s model (its constants become ``Where``
     nodes with constant masks) and ``velcro.trim``'s model (``Conv``/``Gemm``, ``Add`` of
-    constant bias maps, and static ``Slice``/``Pad``/``Gather`` where channels are placed;
+    constant bias maps, a 1x1 ``Conv`` with a 0/1 weight where a residual sum places one
+    side's channels, static ``Slice``/``Pad``/``Gather`` where other helpers place them;
     never ``NonZero`` or ``ScatterND``). The model is exported as it is, in eval mode, with
     ``torch.onnx.export(..., dynamo=True)`` and onnxscript's optimiser; its training flags
     are restored afterwards.

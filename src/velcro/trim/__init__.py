@@ -13,11 +13,12 @@ analysis and ``_build`` for the code it generates):
    its computed inputs; the constant inputs are folded into its bias (a bias map where
    zero padding or a spatially varying constant makes the contribution position-dependent;
    a plain bias where it is uniform). Residual additions add the channels both sides
-   compute, with the producer's filters ordered so that the shared channels are one slice,
-   and fold the other side's constants into the producer's bias. Concatenations keep what
-   their branches compute. Anything trimming does not understand receives the full tensor
-   with the constants put back, so it computes exactly what it did (only its own savings
-   are lost).
+   compute, and fold the other side's constants into the producer's bias; every tensor of a
+   residual stream stores its channels in one shared order (``_order``), chosen so that
+   the channels a sum takes from its shortcut are one slice where an order allows it.
+   Concatenations keep what their branches compute. Anything trimming does not understand
+   receives the full tensor with the constants put back, so it computes exactly what it did
+   (only its own savings are lost).
 
 Affine plans (``constant="affine"``) are first folded into the graph by ``_affine``: the
 predictions go into the weights of the consumers linear in the site, and are computed

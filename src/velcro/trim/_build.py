@@ -6,8 +6,8 @@ Each tensor of the original graph becomes a *physical* tensor holding some of it
 
 - a convolution/linear keeps the weight columns of the channels present and folds the
   constant channels into its bias (a bias map where the contribution is position-dependent);
-  its filters are the channels something downstream needs, ordered so that a residual
-  addition after it lines up with its partner;
+  its filters are the channels something downstream needs, in its residual stream's order
+  (``_order``) or else lined up with the partner of the residual addition it feeds;
 - channelwise operations run on the channels present (batch-norm and depthwise convolutions
   sliced); a site drops the channels the plan makes constant;
 - additions add the channels both sides have (one slice addition where the layouts line
@@ -33,6 +33,7 @@ from velcro.trim._modules import (
     slice_depthwise,
     split_uniform,
 )
+from velcro.trim._order import stream_orders
 from velcro.trim._sum import emit_sum
 from velcro.trim._writer import GraphWriter
 
@@ -43,6 +44,7 @@ class Builder(GraphWriter):
     # -- the pass ------------------------------------------------------------------------
     def build(self, class_name: str) -> fx.GraphModule:
         self.requests = _grouped.requests(self.gm, self.a)
+        self.orders = stream_orders(self.gm, self.a)
         for node in self.gm.graph.nodes:
             kind = self.a.kinds[node]
             if node.op == "placeholder":
@@ -89,6 +91,8 @@ class Builder(GraphWriter):
             return self.requests[node]
         needed = self.a.needed[node]
         layout = needed.nonzero().flatten()
+        if node in self.orders:  # its residual stream's order (``_order``)
+            return layout[self.orders[node][layout].argsort()]
         users = list(node.users)
         if len(users) == 1 and self.a.kinds[users[0]] == "sum" and users[0] in self.a.states:
             a, b, _ = ops.sum_operands(users[0])

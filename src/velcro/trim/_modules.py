@@ -11,7 +11,14 @@ import copy
 import torch
 import torch.nn as nn
 
-from velcro.trim._place import exporting, place, run_of
+from velcro.trim._place import (
+    conv_placeable,
+    exporting,
+    is_plain,
+    place,
+    place_by_conv,
+    run_of,
+)
 
 # A contribution whose spread over positions is below this (relative) is a plain bias.
 UNIFORM_TOLERANCE = 1e-6
@@ -99,8 +106,12 @@ class ChannelSum(nn.Module):
     output channel in order, and input i adds its channels at positions ``src_i`` to output
     positions ``dst_i``. Run eagerly, contiguous positions become in-place slice additions
     (the common case, the channels two branches share laid out first, costs one); exported,
-    each placement is static (:func:`velcro.trim._place.place`: a pad or a gather with
-    constant indices, then an ``Add``).
+    each placement is static: nothing where it moves nothing, else a 1x1 convolution with a
+    0/1 weight on channels-first maps (:func:`velcro.trim._place.place_by_conv`: a ``Conv``,
+    which onnxruntime keeps in its blocked layout and fuses with the ``Add``, where a
+    ``Slice``, ``Pad`` or ``Gather`` would reorder the tensor out of it and back; it costs
+    ``base channels x x_i channels`` MACs per position), and on features a pad or a gather
+    with constant indices (:func:`velcro.trim._place.place`), then an ``Add``.
 
     Args:
         signs: +1 or -1 per input; the first input's sign is +1.
@@ -181,7 +192,12 @@ class ChannelSum(nn.Module):
             where = [-1] * base.shape[self.dim]
             for target, source in self.pairs[i]:
                 where[target] = source
-            piece = place(x, self.dim, where)
+            if is_plain(where, x.shape[self.dim]):
+                piece = x
+            elif conv_placeable(x, self.dim):  # one Conv: stays in a blocked layout
+                piece = place_by_conv(x, self.dim, where)
+            else:
+                piece = place(x, self.dim, where)
             out = out + piece if self.signs[i + 1] > 0 else out - piece
         return out
 

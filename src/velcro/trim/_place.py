@@ -13,6 +13,10 @@ trimmed, so it is written with constant positions only, in the cheapest of these
 - a run of positions filled from anywhere: a gather then a pad [``Gather``, ``Pad``];
 - anything else: a zero channel padded in front, then a gather [``Pad``, ``Gather``].
 
+A residual sum exports its placements on channels-first maps as a 1x1 convolution with a
+0/1 weight instead (:func:`place_by_conv`, one ``Conv``): onnxruntime keeps it, and the
+addition it feeds, in its blocked channel layout, which the forms above leave.
+
 No form reads a value to decide where something goes (no ``NonZero``, ``ScatterND`` or
 ``Where``), and none depends on the batch size.
 """
@@ -59,6 +63,38 @@ def place(x: torch.Tensor, dim: int, where: list[int]) -> torch.Tensor:
     if is_run:
         return pad_channels(x.index_select(dim, index), dim, first, size - first - n)
     return pad_channels(x, dim, 1, 0).index_select(dim, index)
+
+
+def is_plain(where: list[int], count: int) -> bool:
+    """The placement moves nothing: channel o is x's channel o, every one of x's read."""
+    return len(where) == count and where == list(range(count))
+
+
+def place_by_conv(x: torch.Tensor, dim: int, where: list[int]) -> torch.Tensor:
+    """:func:`place` as a 1x1 convolution with a 0/1 weight (one ``Conv`` when exported).
+
+    Exact: each output channel is 1.0 times one input channel plus zeros. Where an exporter
+    runs convolutions in a blocked channel layout (onnxruntime's NCHWc), this keeps the
+    placement, and the residual addition it feeds, inside that layout, where a ``Slice``,
+    ``Pad`` or ``Gather`` would take the tensor out of it and back. It costs
+    ``len(where) * x.shape[dim]`` MACs per position.
+    """
+    def kernel(value: float) -> object:  # a 1x1(x1) kernel holding value
+        for _ in range(x.dim() - 2):
+            value = [value]
+        return value
+
+    ones = [[kernel(1.0 if source == column else 0.0) for column in range(x.shape[dim])]
+            for source in where]
+    # from a Python list of the final shape: an exporter stores one constant
+    weight = torch.tensor(ones, dtype=x.dtype, device=x.device)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    return conv(x, weight)
+
+
+def conv_placeable(x: torch.Tensor, dim: int) -> bool:
+    """A channels-first batch of 1-3 spatial dimensions (what a convolution reads)."""
+    return 3 <= x.dim() <= 5 and dim % x.dim() == 1
 
 
 def run_of(index: torch.Tensor) -> tuple[int, int] | None:

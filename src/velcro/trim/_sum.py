@@ -29,6 +29,8 @@ def emit_sum(builder: GraphWriter, node: fx.Node) -> None:
     state = builder.a.states[node]
     axis = state.axis
     layout = builder.a.needed[node].nonzero().flatten()
+    if node in builder.orders:  # its residual stream's order (``_order``)
+        layout = layout[builder.orders[node][layout].argsort()]
     if layout.numel() == 0:
         builder._record(node, Physical(None, layout))
         return

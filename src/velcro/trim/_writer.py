@@ -35,6 +35,8 @@ class GraphWriter:
         self.producers: dict[fx.Node, str] = {}
         self.fresh: set[fx.Node] = set()
         self.sites: dict[fx.Node, fx.Node | None] = {}
+        # node -> rank of each channel in its residual stream's order (``_order``)
+        self.orders: dict[fx.Node, torch.Tensor] = {}
         self.counter = 0
 
     # -- helpers -------------------------------------------------------------------------
