@@ -92,7 +92,7 @@ class Builder(GraphWriter):
         needed = self.a.needed[node]
         layout = needed.nonzero().flatten()
         if node in self.orders:  # its residual stream's order (``_order``)
-            return layout[self.orders[node][layout].argsort()]
+            return self.in_stream_order(node, layout)
         users = list(node.users)
         if len(users) == 1 and self.a.kinds[users[0]] == "sum" and users[0] in self.a.states:
             a, b, _ = ops.sum_operands(users[0])

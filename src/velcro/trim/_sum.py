@@ -28,9 +28,7 @@ def emit_sum(builder: GraphWriter, node: fx.Node) -> None:
     a, b, sign = ops.sum_operands(node)
     state = builder.a.states[node]
     axis = state.axis
-    layout = builder.a.needed[node].nonzero().flatten()
-    if node in builder.orders:  # its residual stream's order (``_order``)
-        layout = layout[builder.orders[node][layout].argsort()]
+    layout = builder.in_stream_order(node, builder.a.needed[node].nonzero().flatten())
     if layout.numel() == 0:
         builder._record(node, Physical(None, layout))
         return

@@ -40,6 +40,11 @@ class GraphWriter:
         self.counter = 0
 
     # -- helpers -------------------------------------------------------------------------
+    def in_stream_order(self, node: fx.Node, layout: torch.Tensor) -> torch.Tensor:
+        """``layout`` (channel ids) in ``node``'s residual stream order, where it has one."""
+        order = self.orders.get(node)
+        return layout if order is None else layout[order[layout].argsort()]
+
     def _register(self, target: str, module: object) -> str:
         name = target
         while name in self.modules and self.modules[name] is not module:
