@@ -13,7 +13,7 @@ import velcro
 from velcro.errors import VelcroError
 from velcro.export import DATA_DEPENDENT_OPS
 from velcro.trim._modules import ChannelSelect, ChannelSum, Materialize
-from velcro.trim._place import conv_placeable, is_plain
+from velcro.trim._place import conv_placeable, is_identity_placement
 
 # What a trimmed graph may add to the original's operators: bias maps and constants are
 # added, channels placed by pads, slices and gathers with constant indices.
@@ -70,7 +70,7 @@ def conv_placements(small: nn.Module) -> int:
             where = [-1] * base.shape[module.dim]
             for target, source in pairs:
                 where[target] = source
-            count[0] += (not is_plain(where, x.shape[module.dim])
+            count[0] += (not is_identity_placement(where, x.shape[module.dim])
                          and conv_placeable(x, module.dim))
 
     hooks = [m.register_forward_hook(hook) for m in small.modules()

@@ -9,7 +9,7 @@ from zoo import Misaligned, images
 
 import velcro
 from velcro.trim._modules import ChannelSelect, ChannelSum, Materialize
-from velcro.trim._place import conv_placeable, is_plain, place, place_by_conv
+from velcro.trim._place import conv_placeable, is_identity_placement, place, place_by_conv
 
 
 def reference_place(x: np.ndarray, where: list[int]) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_the_convolution_form_places_the_channels_exactly(form, spatial):
     assert conv_placeable(x, 1) and not conv_placeable(x, -1)
     got = place_by_conv(x, 1, where)
     np.testing.assert_array_equal(got.numpy(), reference_place(x.numpy(), where))
-    assert is_plain(where, count) == (form == "identity")
+    assert is_identity_placement(where, count) == (form == "identity")
 
 
 def test_random_placements_on_other_axes():

@@ -14,7 +14,7 @@ import torch.nn as nn
 from velcro.trim._place import (
     conv_placeable,
     exporting,
-    is_plain,
+    is_identity_placement,
     place,
     place_by_conv,
     run_of,
@@ -192,7 +192,7 @@ class ChannelSum(nn.Module):
             where = [-1] * base.shape[self.dim]
             for target, source in self.pairs[i]:
                 where[target] = source
-            if is_plain(where, x.shape[self.dim]):
+            if is_identity_placement(where, x.shape[self.dim]):
                 piece = x
             elif conv_placeable(x, self.dim):  # one Conv: stays in a blocked layout
                 piece = place_by_conv(x, self.dim, where)

@@ -65,7 +65,7 @@ def place(x: torch.Tensor, dim: int, where: list[int]) -> torch.Tensor:
     return pad_channels(x, dim, 1, 0).index_select(dim, index)
 
 
-def is_plain(where: list[int], count: int) -> bool:
+def is_identity_placement(where: list[int], count: int) -> bool:
     """The placement moves nothing: channel o is x's channel o, every one of x's read."""
     return len(where) == count and where == list(range(count))
 
