@@ -61,7 +61,7 @@ def _described(value: object) -> str:
     if callable(value):
         module = getattr(value, "__module__", None) or ""
         name = getattr(value, "__qualname__", None) or getattr(value, "__name__", None)
-        if module == "torch._C._VariableFunctions" or module.startswith("torch._C"):
+        if module.startswith("torch._C"):  # torch.zeros is torch._C._VariableFunctions
             module = "torch"
         if name:
             return f"{module}.{name}" if module else name
